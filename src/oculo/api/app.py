@@ -1,0 +1,92 @@
+"""The ASGI application: routers, the body guard, and the one exception-to-response mapping."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response
+
+from oculo import __version__
+from oculo.api import chat, health, models
+from oculo.api.auth import KeyRing
+from oculo.api.bodyguard import BodyGuard
+from oculo.api.responses import error_response
+from oculo.config import Settings
+from oculo.errors import InvalidRequest, MethodNotAllowed, NotFound, OculoError
+from oculo.policy import Limits
+from oculo.protocol import param_of
+from oculo.registry import ModelRegistry
+from oculo.scheduler import Admission
+
+log = logging.getLogger("oculo.app")
+
+
+async def _oculo_error(request: Request, exc: Exception) -> Response:
+    return error_response(exc)
+
+
+async def _validation_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, RequestValidationError)
+    first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+    loc = tuple(p for p in first["loc"] if p not in ("body", "path", "query", "header"))
+    param = param_of(loc)
+    return error_response(InvalidRequest(f"Invalid value for '{param}': {first['msg']}", param=param))
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, StarletteHTTPException)
+    where = f"{request.method} {request.url.path}"
+    if exc.status_code == 404:
+        return error_response(NotFound(f"Unknown request URL: {where}."))
+    if exc.status_code == 405:
+        return error_response(MethodNotAllowed(f"Method not allowed: {where}."))
+    return error_response(InvalidRequest(str(exc.detail)))
+
+
+async def _unexpected(request: Request, exc: Exception) -> Response:
+    log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    return error_response(exc)
+
+
+def create_app(settings: Settings, registry: ModelRegistry | None = None) -> FastAPI:
+    registry = registry if registry is not None else ModelRegistry(settings.models)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        loading = asyncio.create_task(registry.load_all())
+        try:
+            yield
+        finally:
+            loading.cancel()
+            await registry.close()
+
+    app = FastAPI(
+        title="oculo",
+        version=__version__,
+        summary="A self-hosted, OpenAI-compatible vision inference API",
+        lifespan=lifespan,
+        docs_url="/docs",
+        redoc_url=None,
+    )
+    app.state.settings = settings
+    app.state.registry = registry
+    app.state.keyring = KeyRing(settings.api_keys)
+    app.state.admission = Admission(settings.max_concurrent_requests)
+    app.state.limits = Limits(max_images=settings.max_images, max_pixels=settings.max_pixels)
+
+    app.add_exception_handler(OculoError, _oculo_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(Exception, _unexpected)
+
+    app.include_router(chat.router)
+    app.include_router(models.router)
+    app.include_router(health.router)
+    app.add_middleware(BodyGuard, max_body_bytes=settings.max_body_bytes)
+    return app

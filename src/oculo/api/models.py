@@ -1,0 +1,52 @@
+"""GET /v1/models and /v1/models/{id}: OpenAI's list shape, plus each model's limits."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends, Request
+
+from oculo.api.auth import Caller, authenticate
+from oculo.api.responses import JSONResponse
+from oculo.config import ModelSpec
+from oculo.media import MAX_IMAGE_TOKENS, TOKENS_PER_TILE
+from oculo.policy import Limits
+from oculo.protocol import ModelCard, ModelList
+
+router = APIRouter()
+
+
+def _card(request: Request, spec: ModelSpec) -> ModelCard:
+    registry = request.app.state.registry
+    limits: Limits = request.app.state.limits
+    engine = registry.engine_or_none(spec.id)
+    info = engine.info if engine is not None else None
+    return ModelCard(
+        id=spec.id,
+        created=info.created if info else 0,
+        owned_by=spec.owned_by,
+        engine=spec.engine,
+        status=registry.status(spec.id),
+        description=spec.description or (info.description if info else ""),
+        context_length=info.context_length if info else spec.context_length,
+        limits={
+            "max_images": limits.max_images,
+            "max_pixels": limits.max_pixels,
+            "max_body_bytes": request.app.state.settings.max_body_bytes,
+            "image_formats": ["webp", "png", "gif", "jpeg"],
+            "image_tokens": {"per_tile": TOKENS_PER_TILE, "max": MAX_IMAGE_TOKENS, "tile": 560},
+        },
+        **(info.extra if info else {}),
+    )
+
+
+@router.get("/v1/models")
+async def list_models(request: Request, caller: Caller = Depends(authenticate)) -> JSONResponse:
+    specs = request.app.state.registry.specs
+    return JSONResponse(ModelList(data=[_card(request, spec) for spec in specs]))
+
+
+@router.get("/v1/models/{model_id:path}")
+async def get_model(
+    model_id: str, request: Request, caller: Caller = Depends(authenticate)
+) -> JSONResponse:
+    spec = request.app.state.registry.spec(model_id)
+    return JSONResponse(_card(request, spec))

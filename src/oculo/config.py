@@ -1,0 +1,132 @@
+"""Settings: built-in defaults, then a TOML file, then `OCULO_*` environment variables, then flags.
+
+A config file looks like::
+
+    [server]
+    host = "127.0.0.1"
+    port = 8000
+    max_images = 2                # images per request
+    max_pixels = 40_000_000       # per image, checked from the header before decoding
+    max_concurrent_requests = 64  # in flight (running + queued); past it: 503 overloaded
+    api_keys = ["sk-..."]         # or OCULO_API_KEYS=key1,key2
+
+    [[models]]                    # the catalog: one table per public model id
+    id = "smolvlm"
+    engine = "transformers"
+    path = "/models/SmolVLM-256M-Instruct"   # a checkpoint folder (or a hub id)
+    # context_length = 8192       # else read from the checkpoint's config
+    # max_tokens = 512            # default completion length when a request names none
+    # dtype = "auto"              # or "float32", "bfloat16", ...
+    # device = "cpu"
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+MAX_BODY_BYTES = 1_048_576  # the seed's "less than 1 MB": 1 MiB or more is refused
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; the message says why and where."""
+
+
+class ModelSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = Field(min_length=1)
+    engine: Literal["transformers"] = "transformers"
+    path: str = Field(min_length=1)
+    context_length: int | None = Field(default=None, ge=16)
+    max_tokens: int = Field(default=512, ge=1)
+    dtype: str = "auto"
+    device: str = "cpu"
+    description: str = ""
+    owned_by: str = "oculo"
+
+
+class Settings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    api_keys: list[str] = Field(default_factory=list)
+    max_body_bytes: int = Field(default=MAX_BODY_BYTES, ge=1024)
+    max_images: int = Field(default=2, ge=0)
+    max_pixels: int = Field(default=40_000_000, ge=1)
+    max_concurrent_requests: int = Field(default=64, ge=1)
+    models: list[ModelSpec] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _unique_ids(self) -> Settings:
+        seen: set[str] = set()
+        for spec in self.models:
+            if spec.id in seen:
+                raise ValueError(f"model id {spec.id!r} appears twice in the catalog")
+            seen.add(spec.id)
+        return self
+
+
+_ENV_FIELDS: dict[str, str] = {
+    "OCULO_HOST": "host",
+    "OCULO_PORT": "port",
+    "OCULO_MAX_IMAGES": "max_images",
+    "OCULO_MAX_PIXELS": "max_pixels",
+    "OCULO_MAX_CONCURRENT_REQUESTS": "max_concurrent_requests",
+}
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    out: dict[str, Any] = dict(data.get("server", {}))
+    if "models" in data:
+        out["models"] = data["models"]
+    unknown = set(data) - {"server", "models"}
+    if unknown:
+        raise ConfigError(f"config file {path}: unknown sections {sorted(unknown)}")
+    return out
+
+
+def load_settings(
+    config_file: Path | None = None,
+    *,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Settings:
+    """Merge defaults < TOML file < environment < explicit overrides (flags)."""
+    env = os.environ if env is None else env
+    merged: dict[str, Any] = {}
+    if config_file is not None:
+        merged.update(_read_toml(config_file))
+    for var, field in _ENV_FIELDS.items():
+        if env.get(var):
+            merged[field] = env[var]
+    if env.get("OCULO_API_KEYS"):
+        merged["api_keys"] = [k.strip() for k in env["OCULO_API_KEYS"].split(",") if k.strip()]
+    merged.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    try:
+        return Settings.model_validate(merged)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise ConfigError(f"invalid setting {where}: {first['msg']}") from None
+
+
+def model_from_path(path_or_id: str, *, model_id: str | None = None) -> ModelSpec:
+    """The catalog entry for `oculo serve --model PATH_OR_ID`."""
+    folder = Path(path_or_id).expanduser()
+    name = model_id or (folder.name if folder.exists() else path_or_id)
+    path = str(folder.resolve()) if folder.exists() else path_or_id
+    return ModelSpec(id=name, path=path)

@@ -1,0 +1,156 @@
+"""Shared fixtures: tiny real-architecture checkpoints and a live oculo server on loopback."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from PIL import Image
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+CORPUS = SHARED / "corpus"
+SPEC = SHARED / "openai-spec" / "chat-schemas.json"
+API_KEY = "sk-test-" + "k" * 32
+ARCHS = ("idefics3", "gemma3", "llava")
+
+
+def data_uri(data: bytes, mime: str = "image/png") -> str:
+    return f"data:{mime};base64," + base64.b64encode(data).decode()
+
+
+def make_image(width: int, height: int, fmt: str = "PNG", color: str = "blue") -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (width, height), color).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def png_uri(width: int = 32, height: int = 32, color: str = "blue") -> str:
+    return data_uri(make_image(width, height, "PNG", color))
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    from oculo.testing.checkpoints import build_checkpoint
+
+    root = tmp_path_factory.mktemp("checkpoints")
+    return {arch: build_checkpoint(arch, root / arch, seed=0) for arch in ARCHS}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Server:
+    base_url: str  # http://127.0.0.1:PORT
+    process: subprocess.Popen[bytes]
+    log_path: Path
+
+    @property
+    def v1(self) -> str:
+        return self.base_url + "/v1"
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def client(self, **kw: Any) -> httpx.Client:
+        headers = {"Authorization": f"Bearer {API_KEY}"}
+        return httpx.Client(base_url=self.base_url, headers=headers, timeout=60, **kw)
+
+
+def start_server(config: str, workdir: Path, extra_env: dict[str, str] | None = None) -> Server:
+    """`oculo serve --config` in a subprocess; returns once no model is still loading."""
+    port = free_port()
+    cfg = workdir / "oculo.toml"
+    cfg.write_text(config)
+    log_path = workdir / "server.log"
+    env = {**os.environ, "OCULO_API_KEYS": API_KEY, **(extra_env or {})}
+    log_file = log_path.open("wb")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "oculo.cli", "serve", "--config", str(cfg), "--port", str(port)],
+        stdout=log_file,
+        stderr=subprocess.STDOUT,
+        env=env,
+    )
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited early:\n{log_path.read_text()}")
+        try:
+            body = httpx.get(base + "/ready", timeout=2).json()
+            if "loading" not in body["models"].values():
+                return Server(base, process, log_path)
+        except (httpx.HTTPError, ValueError, KeyError):
+            pass
+        time.sleep(0.2)
+    process.kill()
+    raise RuntimeError(f"server did not become ready:\n{log_path.read_text()}")
+
+
+def stop_server(server: Server) -> None:
+    server.process.terminate()
+    try:
+        server.process.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        server.process.kill()
+
+
+def catalog(checkpoints: dict[str, Path]) -> str:
+    lines = ["[server]", "max_pixels = 40_000_000", "max_concurrent_requests = 4", ""]
+    for arch, path in checkpoints.items():
+        lines += ["[[models]]", f'id = "tiny-{arch}"', f'path = "{path}"', "max_tokens = 16", ""]
+    lines += [
+        "[[models]]",
+        'id = "tiny-context"',
+        f'path = "{checkpoints["idefics3"]}"',
+        "context_length = 64",
+        "",
+        "[[models]]",
+        'id = "broken"',
+        'path = "/nonexistent/checkpoint"',
+        "",
+    ]
+    return "\n".join(lines)
+
+
+@pytest.fixture(scope="session")
+def server(checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    srv = start_server(catalog(checkpoints), tmp_path_factory.mktemp("server"))
+    yield srv
+    stop_server(srv)
+
+
+@pytest.fixture(scope="session")
+def openai_client(server: Server) -> Any:
+    from openai import OpenAI
+
+    return OpenAI(base_url=server.v1, api_key=API_KEY, max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="session")
+def schemas() -> Any:
+    from jsonschema import Draft202012Validator
+
+    components = json.loads(SPEC.read_text())["components"]
+
+    def check(body: Any, name: str) -> None:
+        schema = {"$ref": f"#/components/schemas/{name}", "components": components}
+        errors = list(Draft202012Validator(schema).iter_errors(body))
+        assert not errors, f"{name}: {[e.message for e in errors[:3]]}"
+
+    return check
