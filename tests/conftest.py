@@ -111,7 +111,7 @@ def stop_server(server: Server) -> None:
 
 
 def catalog(checkpoints: dict[str, Path]) -> str:
-    lines = ["[server]", "max_pixels = 40_000_000", "max_concurrent_requests = 4", ""]
+    lines = ["[server]", "max_pixels = 40_000_000", ""]
     for arch, path in checkpoints.items():
         lines += ["[[models]]", f'id = "tiny-{arch}"', f'path = "{path}"', "max_tokens = 16", ""]
     lines += [
@@ -129,7 +129,9 @@ def catalog(checkpoints: dict[str, Path]) -> str:
 
 
 @pytest.fixture(scope="session")
-def server(checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+def server(
+    checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Server]:
     srv = start_server(catalog(checkpoints), tmp_path_factory.mktemp("server"))
     yield srv
     stop_server(srv)

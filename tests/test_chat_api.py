@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 from typing import Any
 
 import httpx
@@ -190,7 +191,9 @@ def test_sampling_parameters(openai_client: Any) -> None:
         cut = ask(temperature=0, max_tokens=12, stop=[stop]).choices[0].message.content
         assert stop not in cut
         assert full.startswith(cut)
-    ok = ask(temperature=0.7, top_p=0.9, presence_penalty=0.5, frequency_penalty=0.5, n=1, user="u1")
+    ok = ask(
+        temperature=0.7, top_p=0.9, presence_penalty=0.5, frequency_penalty=0.5, n=1, user="u1"
+    )
     assert ok.choices[0].finish_reason in ("stop", "length")
 
 
@@ -269,3 +272,28 @@ curl -s {server.v1}/chat/completions \\
     body = json.loads(out.stdout)
     assert body["object"] == "chat.completion"
     assert body["usage"]["prompt_tokens_details"]["image_tokens"] == 1601
+
+
+def test_client_leaving_a_stream_stops_generation(server: Server) -> None:
+    body = {
+        "model": "tiny-gemma3",
+        "messages": seed_messages(png_uri()),
+        "stream": True,
+        "max_tokens": 10_000,
+        "temperature": 1.0,
+    }
+    before = server.log().count("stream ended early")
+    with server.client() as client, client.stream("POST", "/v1/chat/completions", json=body) as r:
+        assert r.status_code == 200
+        next(r.iter_raw())
+    deadline = time.monotonic() + 20
+    while server.log().count("stream ended early") == before and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert server.log().count("stream ended early") == before + 1
+    # The engine is free again: a new request is answered at once.
+    with server.client() as client:
+        r = client.post(
+            "/v1/chat/completions",
+            json={"model": "tiny-gemma3", "messages": seed_messages(png_uri()), "max_tokens": 2},
+        )
+    assert r.status_code == 200

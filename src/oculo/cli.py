@@ -29,7 +29,9 @@ def _settings(
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from None
     if model is not None:
-        settings = settings.model_copy(update={"models": [model_from_path(model, model_id=model_id)]})
+        settings = settings.model_copy(
+            update={"models": [model_from_path(model, model_id=model_id)]}
+        )
     elif not settings.models:
         from oculo.models import default_model_spec
 

@@ -1,4 +1,4 @@
-"""Every failure oculo reports, and the one mapping from failure to HTTP status and OpenAI error JSON.
+"""Every failure oculo reports, and the one mapping from a failure to status and OpenAI error JSON.
 
 The tree::
 

@@ -36,7 +36,9 @@ async def _validation_error(request: Request, exc: Exception) -> Response:
     first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
     loc = tuple(p for p in first["loc"] if p not in ("body", "path", "query", "header"))
     param = param_of(loc)
-    return error_response(InvalidRequest(f"Invalid value for '{param}': {first['msg']}", param=param))
+    return error_response(
+        InvalidRequest(f"Invalid value for '{param}': {first['msg']}", param=param)
+    )
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:

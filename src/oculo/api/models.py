@@ -7,7 +7,7 @@ from fastapi import APIRouter, Depends, Request
 from oculo.api.auth import Caller, authenticate
 from oculo.api.responses import JSONResponse
 from oculo.config import ModelSpec
-from oculo.media import MAX_IMAGE_TOKENS, TOKENS_PER_TILE
+from oculo.media import MAX_IMAGE_TOKENS, TILE, TOKENS_PER_TILE
 from oculo.policy import Limits
 from oculo.protocol import ModelCard, ModelList
 
@@ -19,22 +19,29 @@ def _card(request: Request, spec: ModelSpec) -> ModelCard:
     limits: Limits = request.app.state.limits
     engine = registry.engine_or_none(spec.id)
     info = engine.info if engine is not None else None
-    return ModelCard(
-        id=spec.id,
-        created=info.created if info else 0,
-        owned_by=spec.owned_by,
-        engine=spec.engine,
-        status=registry.status(spec.id),
-        description=spec.description or (info.description if info else ""),
-        context_length=info.context_length if info else spec.context_length,
-        limits={
-            "max_images": limits.max_images,
-            "max_pixels": limits.max_pixels,
-            "max_body_bytes": request.app.state.settings.max_body_bytes,
-            "image_formats": ["webp", "png", "gif", "jpeg"],
-            "image_tokens": {"per_tile": TOKENS_PER_TILE, "max": MAX_IMAGE_TOKENS, "tile": 560},
-        },
-        **(info.extra if info else {}),
+    return ModelCard.model_validate(
+        {
+            "id": spec.id,
+            "created": info.created if info else 0,
+            "owned_by": spec.owned_by,
+            **(info.extra if info else {}),
+            # oculo's additions to OpenAI's Model object:
+            "engine": spec.engine,
+            "status": registry.status(spec.id),
+            "description": spec.description or (info.description if info else ""),
+            "context_length": info.context_length if info else spec.context_length,
+            "limits": {
+                "max_images": limits.max_images,
+                "max_pixels": limits.max_pixels,
+                "max_body_bytes": request.app.state.settings.max_body_bytes,
+                "image_formats": ["webp", "png", "gif", "jpeg"],
+                "image_tokens": {
+                    "per_tile": TOKENS_PER_TILE,
+                    "max": MAX_IMAGE_TOKENS,
+                    "tile": TILE,
+                },
+            },
+        }
     )
 
 
