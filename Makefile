@@ -18,8 +18,10 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(PIP_INSTALL) -e .
 	touch $@
 
-$(VENV)/.installed-test: pyproject.toml $(VENV)/.installed
+$(VENV)/.installed-test: pyproject.toml $(VENV)/.installed tests/node/package-lock.json
 	$(PIP_INSTALL) -e '.[test]'
+	# the seed's TypeScript example runs under Node with the real openai package
+	if command -v npm >/dev/null; then cd tests/node && npm ci --no-audit --no-fund --loglevel=error; fi
 	touch $@
 
 install: $(VENV)/.installed
