@@ -13,12 +13,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
 from oculo import __version__
-from oculo.api import chat, health, models
+from oculo.api import chat, health, metrics, models
 from oculo.api.auth import KeyRing
 from oculo.api.bodyguard import BodyGuard
+from oculo.api.metrics import Metrics, MetricsMiddleware
 from oculo.api.responses import error_response
 from oculo.config import Settings
-from oculo.errors import InvalidRequest, MethodNotAllowed, NotFound, OculoError
+from oculo.errors import InvalidRequest, MethodNotAllowed, NotFound, OculoError, from_exception
 from oculo.policy import Limits
 from oculo.protocol import param_of
 from oculo.registry import ModelRegistry
@@ -28,6 +29,7 @@ log = logging.getLogger("oculo.app")
 
 
 async def _oculo_error(request: Request, exc: Exception) -> Response:
+    request.app.state.metrics.errors.labels(from_exception(exc).code).inc()
     return error_response(exc)
 
 
@@ -45,15 +47,15 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, StarletteHTTPException)
     where = f"{request.method} {request.url.path}"
     if exc.status_code == 404:
-        return error_response(NotFound(f"Unknown request URL: {where}."))
+        return await _oculo_error(request, NotFound(f"Unknown request URL: {where}."))
     if exc.status_code == 405:
-        return error_response(MethodNotAllowed(f"Method not allowed: {where}."))
-    return error_response(InvalidRequest(str(exc.detail)))
+        return await _oculo_error(request, MethodNotAllowed(f"Method not allowed: {where}."))
+    return await _oculo_error(request, InvalidRequest(str(exc.detail)))
 
 
 async def _unexpected(request: Request, exc: Exception) -> Response:
     log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
-    return error_response(exc)
+    return await _oculo_error(request, exc)
 
 
 def create_app(settings: Settings, registry: ModelRegistry | None = None) -> FastAPI:
@@ -79,7 +81,8 @@ def create_app(settings: Settings, registry: ModelRegistry | None = None) -> Fas
     app.state.settings = settings
     app.state.registry = registry
     app.state.keyring = KeyRing(settings.api_keys)
-    app.state.admission = Admission(settings.max_concurrent_requests)
+    app.state.admission = admission = Admission(settings.max_concurrent_requests)
+    app.state.metrics = Metrics(in_flight=lambda: admission.in_flight)
     app.state.limits = Limits(max_images=settings.max_images, max_pixels=settings.max_pixels)
 
     app.add_exception_handler(OculoError, _oculo_error)
@@ -87,8 +90,11 @@ def create_app(settings: Settings, registry: ModelRegistry | None = None) -> Fas
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(Exception, _unexpected)
 
-    app.include_router(chat.router)
-    app.include_router(models.router)
-    app.include_router(health.router)
+    routers = (chat.router, models.router, health.router, metrics.router)
+    for router in routers:
+        app.include_router(router)
     app.add_middleware(BodyGuard, max_body_bytes=settings.max_body_bytes)
+    paths = frozenset(getattr(route, "path", "") for router in routers for route in router.routes)
+    # outermost, so that it also counts the body guard's 413s
+    app.add_middleware(MetricsMiddleware, metrics=app.state.metrics, paths=paths)
     return app

@@ -22,6 +22,7 @@ from starlette.types import Receive, Scope, Send
 from oculo import __version__
 from oculo.api import sse
 from oculo.api.auth import Caller, authenticate
+from oculo.api.metrics import Metrics
 from oculo.api.responses import JSONResponse
 from oculo.engines.base import Delta, Engine, GenerationRequest
 from oculo.errors import EngineError, OculoError, from_exception
@@ -51,8 +52,10 @@ class Run:
     prompt: Prompt
     engine: Engine
     text_tokens: int
+    started: float  # perf_counter at arrival
     id: str = field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex}")
     created: int = field(default_factory=lambda: int(time.time()))
+    first_delta_at: float | None = None
     completion_tokens: int = 0
     finish_reason: str | None = None
     engine_prompt_tokens: int | None = None
@@ -89,6 +92,7 @@ class Run:
 
 
 async def _prepare(request: Request) -> tuple[Run, AsyncIterator[Delta], Delta]:
+    started = time.perf_counter()
     body: bytes = request.scope.get("state", {}).get("body") or await request.body()
     chat = parse_chat_request(body)
     app_state = request.app.state
@@ -96,7 +100,12 @@ async def _prepare(request: Request) -> tuple[Run, AsyncIterator[Delta], Delta]:
     limits: Limits = app_state.limits
     prompt = build_prompt(chat, limits)
     images = await asyncio.to_thread(decode_images, prompt.images, limits) if prompt.images else []
-    run = Run(prompt=prompt, engine=engine, text_tokens=engine.count_text_tokens(prompt.messages))
+    run = Run(
+        prompt=prompt,
+        engine=engine,
+        text_tokens=engine.count_text_tokens(prompt.messages),
+        started=started,
+    )
     generation = GenerationRequest(
         messages=prompt.messages, images=images, sampling=prompt.sampling, request_id=run.id
     )
@@ -108,7 +117,23 @@ async def _prepare(request: Request) -> tuple[Run, AsyncIterator[Delta], Delta]:
     except BaseException:
         await _close(deltas)
         raise
+    run.first_delta_at = time.perf_counter()
     return run, deltas, first
+
+
+def _record(request: Request, run: Run, *, stream: bool) -> None:
+    """Count a finished completion (also one cut short by the client: bill what was made)."""
+    metrics: Metrics = request.app.state.metrics
+    model = run.prompt.model
+    usage = run.usage()
+    metrics.completions.labels(model, run.finish_reason or "cancelled", str(stream).lower()).inc()
+    metrics.prompt_tokens.labels(model).inc(usage.prompt_tokens)
+    metrics.image_tokens.labels(model).inc(usage.prompt_tokens_details.image_tokens)
+    metrics.completion_tokens.labels(model).inc(usage.completion_tokens)
+    if run.image_positions:
+        metrics.image_positions.labels(model).inc(run.image_positions)
+    if run.first_delta_at is not None:
+        metrics.ttft.labels(model).observe(run.first_delta_at - run.started)
 
 
 async def _close(deltas: AsyncIterator[Delta]) -> None:
@@ -134,21 +159,31 @@ async def chat_completions(request: Request, caller: Caller = Depends(authentica
         ticket.release()
         raise
     if run.prompt.stream:
-        return _EventStream(run, deltas, first, ticket)
+        return _EventStream(request, run, deltas, first, ticket)
     try:
         return await _answer(request, run, deltas, first)
     finally:
         ticket.release()
+        _record(request, run, stream=False)
 
 
 class _EventStream(StreamingResponse):
     """The SSE response; whatever happens to it, the engine stream is closed and the ticket freed
     (even when the client leaves before the first byte, and the body iterator never starts)."""
 
-    def __init__(self, run: Run, deltas: AsyncIterator[Delta], first: Delta, ticket: Ticket):
+    def __init__(
+        self,
+        request: Request,
+        run: Run,
+        deltas: AsyncIterator[Delta],
+        first: Delta,
+        ticket: Ticket,
+    ):
         super().__init__(
             _stream(run, deltas, first), media_type=sse.MEDIA_TYPE, headers=sse.HEADERS
         )
+        self._request = request
+        self._run = run
         self._deltas = deltas
         self._ticket = ticket
 
@@ -158,6 +193,7 @@ class _EventStream(StreamingResponse):
         finally:
             await _close(self._deltas)
             self._ticket.release()
+            _record(self._request, self._run, stream=True)
 
 
 async def _answer(
