@@ -9,8 +9,10 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -156,3 +158,34 @@ def schemas() -> Any:
         assert not errors, f"{name}: {[e.message for e in errors[:3]]}"
 
     return check
+
+
+@contextmanager
+def serve_in_process(engine: Any, model_id: str, **settings: Any) -> Iterator[str]:
+    """An oculo app around `engine` under uvicorn in a thread; yields its base URL."""
+    import uvicorn
+
+    from oculo.api.app import create_app
+    from oculo.config import ModelSpec, Settings
+    from oculo.registry import ModelRegistry
+
+    spec = ModelSpec(id=model_id, path="-")
+    config = Settings(api_keys=[API_KEY], models=[spec], **settings)
+    app = create_app(config, ModelRegistry([spec], factory=lambda _: engine))
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(base + "/ready").status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.02)
+    try:
+        yield base
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)

@@ -10,13 +10,9 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
-from conftest import API_KEY, free_port, png_uri
+from conftest import API_KEY, png_uri, serve_in_process
 
-from oculo.api.app import create_app
-from oculo.config import ModelSpec, Settings
 from oculo.engines.base import Delta, EngineInfo, GenerationRequest, Message
-from oculo.registry import ModelRegistry
 
 
 class GatedEngine:
@@ -48,25 +44,9 @@ class GatedEngine:
 @pytest.fixture
 def gated() -> Iterator[tuple[str, GatedEngine]]:
     engine = GatedEngine()
-    spec = ModelSpec(id="gated", path="-")
-    settings = Settings(api_keys=[API_KEY], models=[spec], max_concurrent_requests=2)
-    registry = ModelRegistry([spec], factory=lambda _: engine)
-    app = create_app(settings, registry)
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    base = f"http://127.0.0.1:{port}"
-    for _ in range(200):
-        try:
-            if httpx.get(base + "/ready").status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.02)
-    yield base, engine
-    engine.gate.set()
-    server.should_exit = True
-    thread.join(timeout=10)
+    with serve_in_process(engine, "gated", max_concurrent_requests=2) as base:
+        yield base, engine
+        engine.gate.set()
 
 
 def body(stream: bool) -> dict[str, Any]:
