@@ -285,7 +285,7 @@ def feed(
     """Feed `text`'s tokens one at a time to the engine's streamer: (deltas, final text)."""
     import torch
 
-    from oculo.engines.transformers import _DeltaStreamer, _Job
+    from oculo.engines.hf_generation import DeltaStreamer, Job
 
     sent: list[str] = []
 
@@ -294,7 +294,7 @@ def feed(
         sent.append(item.text)
 
     tokenizer: Any = engine._processor.tokenizer
-    streamer = _DeltaStreamer(tokenizer, stop, _Job(request=request([]), emit=emit))
+    streamer = DeltaStreamer(tokenizer, stop, Job(request=request([]), emit=emit))
     streamer.put(torch.tensor([[1, 2, 3]]))  # the prompt, which generate() hands over first
     for token in tokenizer.encode(text, add_special_tokens=False):
         streamer.put(torch.tensor([token]))

@@ -7,36 +7,24 @@ Gemma 3, LLaVA and the other image-text-to-text architectures work unchanged.
 
 How a request runs:
 
-- **Prompt.** The messages become Hugging Face chat messages (content lists of
-  `{"type": "text"}` and `{"type": "image", "image": <PIL image>}` parts, in order; `developer` is
-  sent as `system`) and go through `processor.apply_chat_template(..., tokenize=True)`, which
-  renders the template and lets the processor expand each image placeholder into the model's image
-  positions. Control tokens the *user* wrote (`<end_of_turn>`, `<image>`, ...) are encoded as plain
-  text (`sanitize_control_tokens=True`), so text cannot forge turns or image slots. Two things are
+- **Prompt.** The messages become Hugging Face chat messages (`oculo.engines.hf_chat`, which also
+  retries, then refuses, conversations the chat template rejects) and go through
+  `processor.apply_chat_template(..., tokenize=True)`, which renders the template and lets the
+  processor expand each image placeholder into the model's image positions. Control tokens the
+  *user* wrote (`<end_of_turn>`, `<image>`, ...) are encoded as plain text
+  (`sanitize_control_tokens=True`), so text cannot forge turns or image slots. Two things are
   probed once at load, never decided by architecture name: whether the tokenizer adds special
   tokens the template does not write (Llama's `<s>` for LLaVA: the engine then adds them itself,
   since sanitizing needs `add_special_tokens=False`), and whether the processor copes with
   sanitized text (Idefics3's / SmolVLM's does not: for it, control tokens in user text stay
   control tokens, as in plain transformers, and text containing the image placeholder is refused
   with `InvalidRequest` rather than crashing the processor).
-- **Templates that refuse a conversation.** If the template raises (some reject a system role,
-  or turns that do not alternate), the engine retries with the system / developer text folded into
-  the first user turn ("system text\\n\\n" + user text, Gemma's own convention), then also with
-  consecutive turns of one role merged; if the template still refuses, the request is an
-  `InvalidRequest` on `messages`.
 - **Generation** runs in one worker thread per engine (a single-worker executor: one generation at
-  a time, in arrival order); the async side awaits a queue the worker feeds. Tokens are decoded
-  incrementally (a window of recent tokens, never splitting a multi-byte character) and streamed.
-- **Sampling.** `temperature == 0` is greedy. Otherwise the engine samples itself, in a logits
-  processor with a private `torch.Generator` seeded from `seed` (or from the OS when no seed is
-  given): the same seed gives the same text, whatever other engines in the process do, and the
-  checkpoint's own sampling defaults (`top_k` etc.) are not applied: a request's `temperature`
-  and `top_p` define the distribution.
-- **Penalties** follow OpenAI's definition exactly (not approximated with `repetition_penalty`):
-  each logit is lowered by `frequency_penalty * count + presence_penalty * (count > 0)`, where
-  `count` is how often that token was generated so far in this answer (prompt tokens do not count).
-- **Stop strings** are matched on the decoded text: the answer ends before the first stop string,
-  text that might be the start of one is held back until it is known not to be.
+  a time, in arrival order); the async side awaits a queue the worker feeds. The streaming, stop
+  strings, penalties and sampling around `model.generate` are `oculo.engines.hf_generation`'s.
+- **Sampling.** `temperature == 0` is greedy; otherwise the engine samples itself, from a seeded
+  generator of its own, and the checkpoint's own sampling defaults (`top_k` etc.) are not applied:
+  a request's `temperature` and `top_p` define the distribution.
 - **Cancellation.** Closing the async iterator (client gone, task cancelled) sets an event that a
   `StoppingCriteria` checks after every token, so the worker stops within one decoding step.
 - **Counts.** The final `Delta` has `prompt_tokens` (the input length the model ran on, image
@@ -57,17 +45,14 @@ import asyncio
 import contextlib
 import copy
 import gc
-import itertools
 import logging
-import secrets
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
 from jinja2 import TemplateError
@@ -75,23 +60,13 @@ from PIL import Image
 from transformers import (
     AutoModelForImageTextToText,
     AutoProcessor,
-    LogitsProcessor,
     LogitsProcessorList,
-    StoppingCriteria,
     StoppingCriteriaList,
 )
-from transformers.generation.streamers import BaseStreamer
 
-from oculo.engines.base import (
-    Delta,
-    EngineInfo,
-    FinishReason,
-    GenerationRequest,
-    ImageSegment,
-    Message,
-    SamplingParams,
-    TextSegment,
-)
+from oculo.engines.base import Delta, EngineInfo, FinishReason, GenerationRequest, Message
+from oculo.engines.hf_chat import HFMessage, first_rendering, to_hf_messages
+from oculo.engines.hf_generation import DeltaStreamer, Halt, Job, OpenAIPenalties, Sampler
 from oculo.errors import (
     ContextLengthExceeded,
     EngineError,
@@ -103,9 +78,6 @@ from oculo.errors import (
 __all__ = ["TransformersEngine"]
 
 logger = logging.getLogger(__name__)
-
-HFMessage = dict[str, Any]
-T = TypeVar("T")
 
 _DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -208,7 +180,7 @@ class TransformersEngine:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"oculo-{name}")
         self._pending = 0  # requests submitted to the worker and not finished yet
         self._pending_lock = threading.Lock()
-        self._live: set[_Job] = set()
+        self._live: set[Job] = set()
         self._closed = False
         self._count_cache: OrderedDict[tuple[Message, ...], int] = OrderedDict()
         self.load_seconds = time.perf_counter() - started
@@ -273,7 +245,7 @@ class TransformersEngine:
         def emit(item: Delta | BaseException) -> None:
             loop.call_soon_threadsafe(queue.put_nowait, item)
 
-        job = _Job(request=request, emit=emit)
+        job = Job(request=request, emit=emit)
         with self._pending_lock:
             self._pending += 1
         try:
@@ -309,8 +281,8 @@ class TransformersEngine:
             self._count_cache.move_to_end(key)
             return cached
         self._refuse_placeholders(key)
-        conversation = _to_hf_messages(key, images=None)
-        ids = _first_rendering(conversation, self._count_ids)
+        conversation = to_hf_messages(key, images=None)
+        ids = first_rendering(conversation, self._count_ids)
         count = len(ids) + len(self._special_prefix) + len(self._special_suffix)
         if sum(len(m.text) for m in key) <= _COUNT_CACHE_MAX_CHARS:  # bounds the cache's memory
             self._count_cache[key] = count
@@ -349,7 +321,7 @@ class TransformersEngine:
 
     # -- the worker ----------------------------------------------------------------------------
 
-    def _run(self, job: _Job) -> None:
+    def _run(self, job: Job) -> None:
         """Generate one answer; runs in the worker thread and reports through `job.send`."""
         outcome: Delta | BaseException | None = None
         try:
@@ -367,7 +339,7 @@ class TransformersEngine:
         if outcome is not None:
             job.send(outcome)
 
-    def _generate(self, job: _Job) -> Delta | None:
+    def _generate(self, job: Job) -> Delta | None:
         """The streamed answer's last `Delta`, or None if the consumer left."""
         request, sampling = job.request, job.request.sampling
         inputs = self._encode(request)
@@ -390,17 +362,17 @@ class TransformersEngine:
             raise InvalidRequest("max_tokens must be at least 1.", param="max_tokens")
         max_new = min(sampling.max_tokens or self._max_new_default, available)
 
-        streamer = _DeltaStreamer(self._processor.tokenizer, sampling.stop, job)
-        halt = _Halt(job.cancel, streamer)
+        streamer = DeltaStreamer(self._processor.tokenizer, sampling.stop, job)
+        halt = Halt(job.cancel, streamer)
         processors = LogitsProcessorList()
         if sampling.presence_penalty or sampling.frequency_penalty:
             processors.append(
-                _OpenAIPenalties(
+                OpenAIPenalties(
                     prompt_tokens, sampling.presence_penalty, sampling.frequency_penalty
                 )
             )
         if sampling.temperature > 0:
-            processors.append(_Sampler(sampling, self._device))
+            processors.append(Sampler(sampling, self._device))
         inputs = inputs.to(self._device, dtype=self._model.dtype)
         with torch.inference_mode():
             self._model.generate(
@@ -426,8 +398,8 @@ class TransformersEngine:
 
     def _encode(self, request: GenerationRequest) -> Any:
         """The model's inputs (a `BatchFeature` of tensors) for the request's conversation."""
-        conversation = _to_hf_messages(request.messages, images=request.images)
-        return _first_rendering(conversation, self._processor_inputs)
+        conversation = to_hf_messages(request.messages, images=request.images)
+        return first_rendering(conversation, self._processor_inputs)
 
     def _processor_inputs(self, conversation: list[HFMessage]) -> Any:
         wrap = bool(self._special_prefix or self._special_suffix)
@@ -464,7 +436,7 @@ class TransformersEngine:
             }
         ]
         try:
-            _first_rendering(probe, self._processor_inputs)
+            first_rendering(probe, self._processor_inputs)
         except Exception as exc:
             logger.info("control tokens in user text stay control tokens for this model: %s", exc)
             return False
@@ -533,104 +505,7 @@ class TransformersEngine:
         return [], []
 
 
-# -- conversation ------------------------------------------------------------------------------
-
-
-def _to_hf_messages(
-    messages: Sequence[Message], images: Sequence[Image.Image] | None
-) -> list[HFMessage]:
-    """Hugging Face chat messages; image parts carry their image (dropped if `images` is None).
-
-    System and developer messages become one `system` text part (some templates read only the
-    first part of a system message). A message left without parts gets one empty text part, since
-    templates index `content[0]`.
-    """
-    out: list[HFMessage] = []
-    for message in messages:
-        if message.role in ("system", "developer"):
-            out.append({"role": "system", "content": [{"type": "text", "text": message.text}]})
-            continue
-        parts: list[dict[str, Any]] = []
-        for segment in message.content:
-            if isinstance(segment, TextSegment):
-                parts.append({"type": "text", "text": segment.text})
-            elif isinstance(segment, ImageSegment) and images is not None:
-                if not 0 <= segment.index < len(images):
-                    raise InvalidRequest(
-                        f"An image part refers to image {segment.index}, but the request has "
-                        f"{len(images)} images.",
-                        param="messages",
-                    )
-                parts.append({"type": "image", "image": images[segment.index]})
-        out.append({"role": message.role, "content": parts or [{"type": "text", "text": ""}]})
-    return out
-
-
-def _conversation_variants(conversation: list[HFMessage]) -> Iterator[list[HFMessage]]:
-    """The conversation as given, then with system text folded in, then with turns merged."""
-    yield conversation
-    if any(m["role"] == "system" for m in conversation):
-        conversation = _fold_system(conversation)
-        yield conversation
-    roles = [m["role"] for m in conversation]
-    if any(a == b for a, b in itertools.pairwise(roles)):
-        yield _merge_turns(conversation)
-
-
-def _fold_system(conversation: list[HFMessage]) -> list[HFMessage]:
-    """Move the system text to the start of the first user turn, as Gemma's template does."""
-    system = "\n\n".join(
-        part["text"]
-        for m in conversation
-        if m["role"] == "system"
-        for part in m["content"]
-        if part["type"] == "text" and part["text"]
-    )
-    rest = [m for m in conversation if m["role"] != "system"]
-    if not system:
-        return rest
-    prefix = {"type": "text", "text": system + "\n\n"}
-    for i, message in enumerate(rest):
-        if message["role"] == "user":
-            content = message["content"]
-            if content and content[0]["type"] == "text":
-                first = {"type": "text", "text": prefix["text"] + content[0]["text"]}
-                content = [first, *content[1:]]
-            else:
-                content = [prefix, *content]
-            return [*rest[:i], {"role": "user", "content": content}, *rest[i + 1 :]]
-    return [{"role": "user", "content": [{"type": "text", "text": system}]}, *rest]
-
-
-def _merge_turns(conversation: list[HFMessage]) -> list[HFMessage]:
-    """Merge consecutive messages of one role into one (text joined by a blank line)."""
-    merged: list[HFMessage] = []
-    for message in conversation:
-        if merged and merged[-1]["role"] == message["role"]:
-            previous = list(merged[-1]["content"])
-            content = list(message["content"])
-            if previous and content and previous[-1]["type"] == content[0]["type"] == "text":
-                joined = previous[-1]["text"] + "\n\n" + content[0]["text"]
-                previous[-1] = {"type": "text", "text": joined}
-                content = content[1:]
-            merged[-1] = {"role": message["role"], "content": previous + content}
-        else:
-            merged.append(message)
-    return merged
-
-
-def _first_rendering(conversation: list[HFMessage], render: Callable[[list[HFMessage]], T]) -> T:
-    """`render` applied to the first variant of the conversation the chat template accepts."""
-    refusal: TemplateError | None = None
-    for variant in _conversation_variants(conversation):
-        try:
-            return render(variant)
-        except TemplateError as exc:
-            refusal = refusal or exc
-    raise InvalidRequest(
-        f"The model's chat template does not accept this conversation: {refusal}",
-        param="messages",
-    ) from refusal
+# -- prompt helpers ------------------------------------------------------------------------------
 
 
 def _add_special_tokens(inputs: Any, prefix: list[int], suffix: list[int]) -> None:
@@ -648,170 +523,6 @@ def _add_special_tokens(inputs: Any, prefix: list[int], suffix: list[int]) -> No
         head = torch.tensor(before, dtype=value.dtype).expand(rows, -1)
         tail = torch.tensor(after, dtype=value.dtype).expand(rows, -1)
         inputs[key] = torch.cat([head, value, tail], dim=1)
-
-
-# -- the worker's helpers ------------------------------------------------------------------------
-
-
-@dataclass(eq=False)
-class _Job:
-    """One request on its way through the worker."""
-
-    request: GenerationRequest
-    emit: Callable[[Delta | BaseException], None]
-    cancel: threading.Event = field(default_factory=threading.Event)
-
-    def send(self, item: Delta | BaseException) -> None:
-        """Hand `item` to the waiting consumer; a consumer whose loop is gone cancels the job."""
-        if self.cancel.is_set():
-            return
-        try:
-            self.emit(item)
-        except RuntimeError:  # the event loop was closed
-            self.cancel.set()
-
-
-class _DeltaStreamer(BaseStreamer):  # type: ignore[misc]
-    """Receives token ids from `generate`, decodes them incrementally, and applies stop strings.
-
-    Decoding uses a window of recent tokens (the approach of text-generation-inference and vLLM):
-    a token's text is the window's text minus the text of the window without it, and text that
-    ends in an incomplete character (U+FFFD) waits for the next token.
-    """
-
-    def __init__(self, tokenizer: Any, stop: Sequence[str], job: _Job) -> None:
-        self._tokenizer = tokenizer
-        self._stop = tuple(s for s in stop if s)
-        self._hold = max((len(s) for s in self._stop), default=1) - 1
-        self._job = job
-        self._prompt_seen = False
-        self._prefix_offset = 0
-        self._read_offset = 0
-        self._text = ""
-        self._sent = 0
-        self._pending = ""
-        self.ids: list[int] = []
-        self.stop_hit = False
-
-    def put(self, value: torch.Tensor) -> None:
-        if not self._prompt_seen:  # generate() first hands over the prompt
-            self._prompt_seen = True
-            return
-        if self.stop_hit or self._job.cancel.is_set():
-            return
-        for token in value.reshape(-1).tolist():
-            self.ids.append(int(token))
-            self._text += self._decode_step(final=False)
-            self._flush(final=False)
-            if self.stop_hit:
-                return
-
-    def end(self) -> None:
-        """Nothing to do: `finish` flushes, once the finish reason is known."""
-
-    def finish(self) -> str:
-        """The text still held back (it did not become a stop string); call once, at the end."""
-        if not self.stop_hit:
-            self._text += self._decode_step(final=True)
-            self._flush(final=True)
-        return self._pending
-
-    def _decode(self, ids: list[int]) -> str:
-        text = self._tokenizer.decode(
-            ids, skip_special_tokens=True, clean_up_tokenization_spaces=False
-        )
-        return str(text)
-
-    def _decode_step(self, *, final: bool) -> str:
-        if self._read_offset >= len(self.ids):
-            return ""
-        before = self._decode(self.ids[self._prefix_offset : self._read_offset])
-        after = self._decode(self.ids[self._prefix_offset :])
-        if len(after) > len(before) and (final or not after.endswith("\ufffd")):
-            self._prefix_offset, self._read_offset = self._read_offset, len(self.ids)
-            return after[len(before) :]
-        return ""
-
-    def _flush(self, *, final: bool) -> None:
-        """Send what is safe to send; at a stop string, send the text before it and halt."""
-        end = len(self._text)
-        if self._stop:
-            found = [i for i in (self._text.find(s, self._sent) for s in self._stop) if i >= 0]
-            if found:
-                end = min(found)
-                self.stop_hit = True
-            elif not final:
-                end -= _held_back(self._text, self._sent, self._stop, self._hold)
-        self._pending = ""
-        if end > self._sent:
-            piece, self._sent = self._text[self._sent : end], end
-            if final or self.stop_hit:
-                self._pending = piece  # rides on the final delta
-            else:
-                self._job.send(Delta(text=piece))
-
-
-def _held_back(text: str, start: int, stops: tuple[str, ...], longest: int) -> int:
-    """Length of the longest end of `text[start:]` that begins some stop string."""
-    for size in range(min(longest, len(text) - start), 0, -1):
-        tail = text[len(text) - size :]
-        if any(s.startswith(tail) for s in stops):
-            return size
-    return 0
-
-
-class _Halt(StoppingCriteria):  # type: ignore[misc]
-    """Stops generation once the consumer has left or a stop string has been seen."""
-
-    def __init__(self, cancel: threading.Event, streamer: _DeltaStreamer) -> None:
-        self._cancel = cancel
-        self._streamer = streamer
-
-    def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
-        done = self._cancel.is_set() or self._streamer.stop_hit
-        return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
-
-
-class _OpenAIPenalties(LogitsProcessor):  # type: ignore[misc]
-    """OpenAI's presence and frequency penalties over the tokens generated so far."""
-
-    def __init__(self, prompt_length: int, presence: float, frequency: float) -> None:
-        self._prompt_length = prompt_length
-        self._presence = presence
-        self._frequency = frequency
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        generated = input_ids[:, self._prompt_length :]
-        if generated.shape[1] == 0:
-            return scores
-        counts = torch.zeros_like(scores)
-        counts.scatter_add_(1, generated, torch.ones_like(generated, dtype=scores.dtype))
-        return scores - self._frequency * counts - self._presence * (counts > 0).to(scores.dtype)
-
-
-class _Sampler(LogitsProcessor):  # type: ignore[misc]
-    """Samples the next token with temperature and nucleus (top-p) filtering, from its own
-    generator, and leaves only that token possible (so `generate` runs in greedy mode)."""
-
-    def __init__(self, sampling: SamplingParams, device: torch.device) -> None:
-        self._temperature = sampling.temperature
-        self._top_p = sampling.top_p
-        seed = sampling.seed if sampling.seed is not None else secrets.randbits(63)
-        self._generator = torch.Generator(device=device)
-        self._generator.manual_seed(seed % 2**64)
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        logits = scores.float() / self._temperature
-        if self._top_p < 1.0:
-            ordered, order = torch.sort(logits, dim=-1, descending=True)
-            probs = ordered.softmax(dim=-1)
-            outside = probs.cumsum(dim=-1) - probs >= self._top_p  # mass before it is enough
-            outside[:, 0] = False  # the most likely token always stays
-            logits = logits.scatter(1, order, ordered.masked_fill(outside, float("-inf")))
-        probs = logits.softmax(dim=-1)
-        chosen = torch.multinomial(probs, num_samples=1, generator=self._generator)
-        only = torch.full_like(scores, float("-inf"))
-        return only.scatter(1, chosen, 0.0)
 
 
 # -- loading helpers -----------------------------------------------------------------------------
