@@ -88,20 +88,26 @@ def start_server(config: str, workdir: Path, extra_env: dict[str, str] | None = 
         stderr=subprocess.STDOUT,
         env=env,
     )
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
+    server = Server(f"http://127.0.0.1:{port}", process, log_path)
+    wait_ready(server)
+    return server
+
+
+def wait_ready(server: Server, timeout: float = 120) -> None:
+    """Until no model is still loading (a model may have failed: the tests look at that)."""
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"server exited early:\n{log_path.read_text()}")
+        if server.process.poll() is not None:
+            raise RuntimeError(f"server exited early:\n{server.log()}")
         try:
-            body = httpx.get(base + "/ready", timeout=2).json()
+            body = httpx.get(server.base_url + "/ready", timeout=2).json()
             if "loading" not in body["models"].values():
-                return Server(base, process, log_path)
+                return
         except (httpx.HTTPError, ValueError, KeyError):
             pass
         time.sleep(0.2)
-    process.kill()
-    raise RuntimeError(f"server did not become ready:\n{log_path.read_text()}")
+    server.process.kill()
+    raise RuntimeError(f"server did not become ready:\n{server.log()}")
 
 
 def stop_server(server: Server) -> None:

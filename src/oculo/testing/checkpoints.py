@@ -131,6 +131,25 @@ Le chat est sur la table. Das Bild zeigt einen Hund. El perro es marrón. Café,
 
 
 @dataclass(frozen=True)
+class Size:
+    """How big a model is: the tiny test size by default; training picks bigger ones."""
+
+    image_size: int = IMAGE_SIZE
+    patch_size: int = PATCH_SIZE
+    hidden: int = HIDDEN_SIZE
+    layers: int = LAYERS
+    heads: int = HEADS
+    vision_hidden: int = HIDDEN_SIZE
+    vision_layers: int = LAYERS
+    vision_heads: int = HEADS
+    scale_factor: int = 2  # Idefics3's pixel shuffle: image tokens = patches / scale_factor^2
+    context_length: int = CONTEXT_LENGTH
+
+
+TINY = Size()
+
+
+@dataclass(frozen=True)
 class _TokenizerSpec:
     """The special tokens of one architecture's tokenizer."""
 
@@ -197,7 +216,7 @@ def build_checkpoint(arch: Architecture, folder: Path, *, seed: int = 0) -> Path
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tokenizer = _build_tokenizer(_SPECS[arch])
-    builders = {"idefics3": _idefics3, "gemma3": _gemma3, "llava": _llava}
+    builders = {"idefics3": idefics3_parts, "gemma3": _gemma3, "llava": _llava}
     config, processor = builders[arch](tokenizer)
 
     from transformers import AutoModelForImageTextToText, GenerationConfig
@@ -224,24 +243,51 @@ def build_checkpoint(arch: Architecture, folder: Path, *, seed: int = 0) -> Path
     return folder
 
 
-def _build_tokenizer(spec: _TokenizerSpec) -> PreTrainedTokenizerFast:
-    """Train a byte-level BPE on `CORPUS` and wrap it with the architecture's special tokens."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+def build_tokenizer(
+    arch: Architecture,
+    corpus: str = CORPUS,
+    *,
+    vocab_size: int = BPE_VOCAB_SIZE,
+    isolate: str | None = None,
+    context_length: int = CONTEXT_LENGTH,
+) -> PreTrainedTokenizerFast:
+    """Train a byte-level BPE on `corpus` and wrap it with the architecture's special tokens.
+
+    `isolate`, a regex, names characters that always stay tokens of their own (never merged),
+    e.g. `[A-Z0-9]` so that a model spells printed words letter by letter.
+    """
+    return _build_tokenizer(_SPECS[arch], corpus, vocab_size, isolate, context_length)
+
+
+def _build_tokenizer(
+    spec: _TokenizerSpec,
+    corpus: str = CORPUS,
+    vocab_size: int = BPE_VOCAB_SIZE,
+    isolate: str | None = None,
+    context_length: int = CONTEXT_LENGTH,
+) -> PreTrainedTokenizerFast:
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     specials = [t for t in (spec.pad, spec.eos, spec.bos, spec.unk) if t is not None]
     specials += [t for t in spec.extra if t not in specials]
     bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    if isolate is None:
+        bpe.pre_tokenizer = byte_level
+    else:
+        bpe.pre_tokenizer = pre_tokenizers.Sequence(
+            [pre_tokenizers.Split(Regex(isolate), behavior="isolated"), byte_level]
+        )
     bpe.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=BPE_VOCAB_SIZE + len(specials),
+        vocab_size=vocab_size + len(specials),
         min_frequency=1,
         special_tokens=specials,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    bpe.train_from_iterator(CORPUS.splitlines(), trainer=trainer)
+    bpe.train_from_iterator(corpus.splitlines(), trainer=trainer)
     bos_id = bpe.token_to_id(spec.bos)
     if spec.add_bos:
         bpe.post_processor = processors.TemplateProcessing(
@@ -261,7 +307,7 @@ def _build_tokenizer(spec: _TokenizerSpec) -> PreTrainedTokenizerFast:
         pad_token=spec.pad,
         unk_token=spec.unk,
         clean_up_tokenization_spaces=False,
-        model_max_length=CONTEXT_LENGTH,
+        model_max_length=context_length,
         **kwargs,
     )
     extra = [t for t in spec.extra if t not in spec.named.values()]
@@ -281,16 +327,16 @@ def _eos_ids(arch: Architecture, tokenizer: PreTrainedTokenizerFast) -> int | li
     return eos
 
 
-def _text_config(tokenizer: PreTrainedTokenizerFast) -> dict[str, Any]:
+def _text_config(tokenizer: PreTrainedTokenizerFast, size: Size = TINY) -> dict[str, Any]:
     """The language model's size, shared by the three architectures."""
     return {
         "vocab_size": len(tokenizer),
-        "hidden_size": HIDDEN_SIZE,
-        "intermediate_size": 2 * HIDDEN_SIZE,
-        "num_hidden_layers": LAYERS,
-        "num_attention_heads": HEADS,
-        "num_key_value_heads": HEADS // 2,
-        "max_position_embeddings": CONTEXT_LENGTH,
+        "hidden_size": size.hidden,
+        "intermediate_size": 2 * size.hidden,
+        "num_hidden_layers": size.layers,
+        "num_attention_heads": size.heads,
+        "num_key_value_heads": max(1, size.heads // 2),
+        "max_position_embeddings": size.context_length,
         "bos_token_id": tokenizer.bos_token_id,
         "eos_token_id": tokenizer.eos_token_id,
         "pad_token_id": tokenizer.pad_token_id,
@@ -298,14 +344,14 @@ def _text_config(tokenizer: PreTrainedTokenizerFast) -> dict[str, Any]:
     }
 
 
-def _vision_config() -> dict[str, Any]:
+def _vision_config(size: Size = TINY) -> dict[str, Any]:
     return {
-        "hidden_size": HIDDEN_SIZE,
-        "intermediate_size": 2 * HIDDEN_SIZE,
-        "num_hidden_layers": LAYERS,
-        "num_attention_heads": HEADS,
-        "image_size": IMAGE_SIZE,
-        "patch_size": PATCH_SIZE,
+        "hidden_size": size.vision_hidden,
+        "intermediate_size": 2 * size.vision_hidden,
+        "num_hidden_layers": size.vision_layers,
+        "num_attention_heads": size.vision_heads,
+        "image_size": size.image_size,
+        "patch_size": size.patch_size,
     }
 
 
@@ -316,26 +362,27 @@ def _token_id(tokenizer: PreTrainedTokenizerFast, token: str) -> int:
     return token_id
 
 
-def _idefics3(tokenizer: PreTrainedTokenizerFast) -> tuple[Any, Any]:
-    """SmolVLM / Idefics3: SigLIP-style tower, pixel-shuffle connector, Llama text model."""
+def idefics3_parts(tokenizer: PreTrainedTokenizerFast, size: Size = TINY) -> tuple[Any, Any]:
+    """SmolVLM / Idefics3 (config, processor): SigLIP-style tower, pixel-shuffle connector, Llama
+    text model, SmolVLM's chat template; one image of `size.image_size` px, no splitting."""
     from transformers import Idefics3Config, Idefics3Processor
     from transformers.models.idefics3.image_processing_pil_idefics3 import (
         Idefics3ImageProcessorPil,
     )
 
-    scale_factor = 2
-    image_seq_len = (IMAGE_SIZE // PATCH_SIZE) ** 2 // scale_factor**2
+    scale_factor = size.scale_factor
+    image_seq_len = (size.image_size // size.patch_size) ** 2 // scale_factor**2
     config = Idefics3Config(
-        vision_config=_vision_config(),
-        text_config={"model_type": "llama", **_text_config(tokenizer)},
+        vision_config=_vision_config(size),
+        text_config={"model_type": "llama", **_text_config(tokenizer, size)},
         scale_factor=scale_factor,
         image_token_id=_token_id(tokenizer, "<image>"),
         tie_word_embeddings=False,
     )
     image_processor = Idefics3ImageProcessorPil(
         do_image_splitting=False,
-        size={"longest_edge": IMAGE_SIZE},
-        max_image_size={"longest_edge": IMAGE_SIZE},
+        size={"longest_edge": size.image_size},
+        max_image_size={"longest_edge": size.image_size},
     )
     processor = Idefics3Processor(
         image_processor=image_processor,

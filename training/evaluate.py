@@ -1,0 +1,152 @@
+"""Score a checkpoint: exact-match accuracy per question type on freshly drawn, held-out images.
+
+    .venv/bin/python -m training.evaluate --model src/oculo/models/oculo-tiny [--n 200] [--card]
+
+Two sets, both drawn from seeds the training never uses:
+  held-out   the training drawing routine, new scenes;
+  different  another drawing routine (anti-aliased edges, other shape proportions and sizes, a
+             blocky bitmap font, JPEG / WebP / PNG / animated GIF files decoded as the server does).
+Answers come from the real serving path: images are sent through oculo's media code (data URI,
+sniffing, header probe, Pillow decode) and answered by `TransformersEngine` with greedy decoding.
+With `--card`, the table is written into the checkpoint's model card (README.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import json
+import random
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from oculo.engines.base import (
+    GenerationRequest,
+    ImageSegment,
+    Message,
+    SamplingParams,
+    Segment,
+    TextSegment,
+)
+from oculo.media import decode, inspect_image
+from training import world
+from training.data import Example, make_example
+
+SETS: dict[str, world.Style] = {"held-out": "train", "different": "alt"}
+TARGETS = {"describe": 90, "count": 90, "color": 90, "exists": 90, "text": 80, "pair": 90}
+
+
+def through_server_media(example: Example, rng: random.Random, style: world.Style) -> list[Any]:
+    """Encode each image as a client would and decode it with oculo's own media code."""
+    decoded = []
+    for image in example.images:
+        data, mime = world.encode(image, rng, style)
+        uri = f"data:{mime};base64," + base64.b64encode(data).decode()
+        inspected = inspect_image(uri, param="image", max_pixels=40_000_000)
+        decoded.append(
+            decode(inspected.data, inspected.header, max_pixels=40_000_000, param="image")
+        )
+    return decoded
+
+
+def to_messages(example: Example) -> list[Message]:
+    images: list[Segment] = [ImageSegment(i) for i in range(len(example.images))]
+    question: list[Segment] = [TextSegment(example.question)]
+    user = (*images, *question) if example.image_first else (*question, *images)
+    messages = [Message("user", tuple(user))]
+    if example.system is not None:
+        messages.insert(0, Message("system", (TextSegment(example.system),)))
+    return messages
+
+
+async def answer(engine: Any, example: Example, images: list[Any]) -> str:
+    request = GenerationRequest(
+        messages=to_messages(example),
+        images=images,
+        sampling=SamplingParams(max_tokens=64, temperature=0.0),
+    )
+    return "".join([delta.text async for delta in engine.generate(request)])
+
+
+async def evaluate(model: Path, n: int, seed: int) -> dict[str, Any]:
+    from oculo.engines.transformers import TransformersEngine
+
+    engine = TransformersEngine(model, model_id="eval")
+    results: dict[str, Any] = {}
+    mistakes: dict[str, list[dict[str, str]]] = defaultdict(list)
+    try:
+        for name, style in SETS.items():
+            rng = random.Random(f"evaluate:{name}:{seed}")
+            scores: dict[str, list[int]] = {}
+            for kind in world.QUESTION_TYPES:
+                hits = []
+                for _ in range(n):
+                    example = make_example(rng, style, kind)
+                    images = through_server_media(example, rng, style)
+                    got = await answer(engine, example, images)
+                    ok = world.normalize(got) == world.normalize(example.answer)
+                    hits.append(int(ok))
+                    if not ok and len(mistakes[f"{name}/{kind}"]) < 5:
+                        mistakes[f"{name}/{kind}"].append(
+                            {"q": example.question, "want": example.answer, "got": got}
+                        )
+                scores[kind] = hits
+            results[name] = {k: round(100 * sum(v) / len(v), 1) for k, v in scores.items()}
+    finally:
+        await engine.close()
+    return {"accuracy": results, "n": n, "seed": seed, "mistakes": dict(mistakes)}
+
+
+def table(report: dict[str, Any]) -> str:
+    sets = list(report["accuracy"])
+    lines = [
+        "| question type | target | " + " | ".join(sets) + " |",
+        "|---|---|" + "---|" * len(sets),
+    ]
+    for kind in world.QUESTION_TYPES:
+        row = [f"{report['accuracy'][s][kind]:.1f}%" for s in sets]
+        lines.append(f"| {kind} | >= {TARGETS[kind]}% | " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def write_card(model: Path, report: dict[str, Any], command: str) -> None:
+    card = model / "README.md"
+    text = card.read_text() if card.exists() else ""
+    marker = "## Evaluation"
+    text = text.split(marker)[0].rstrip() + "\n\n" if marker in text else text
+    text += (
+        f"{marker}\n\nExact match per question type, {report['n']} questions each, greedy "
+        f"decoding through oculo's serving path. Command:\n\n```\n{command}\n```\n\n"
+        f"{table(report)}\n"
+    )
+    card.write_text(text)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", type=Path, required=True)
+    parser.add_argument("--n", type=int, default=200, help="questions per type and set")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--card", action="store_true", help="write the table into README.md")
+    parser.add_argument("--json", type=Path, help="write the whole report here")
+    args = parser.parse_args()
+    started = time.perf_counter()
+    report = asyncio.run(evaluate(args.model, args.n, args.seed))
+    report["seconds"] = round(time.perf_counter() - started, 1)
+    print(table(report))
+    for key, examples in report["mistakes"].items():
+        for m in examples[:2]:
+            print(f"  {key}: {m['q']!r} want {m['want']!r} got {m['got']!r}")
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=1))
+    if args.card:
+        command = f".venv/bin/python -m training.evaluate --model {args.model} --n {args.n}"
+        write_card(args.model, report, command + f" --seed {args.seed} --card")
+    print(f"{report['seconds']} s")
+
+
+if __name__ == "__main__":
+    main()

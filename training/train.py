@@ -1,0 +1,274 @@
+"""Train oculo-tiny: an Idefics3 (SmolVLM-architecture) model, from random weights, on the world.
+
+    .venv/bin/python -m training.train --out src/oculo/models/oculo-tiny
+
+Everything is seeded: the tokenizer's corpus, the weights, and every batch (batch k is drawn from
+`Random(seed, k)`), so the same command on the same kind of machine gives the same model. The
+checkpoint is written with `save_pretrained` and loads with AutoProcessor /
+AutoModelForImageTextToText unchanged, like any SmolVLM checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset
+
+from oculo.testing.checkpoints import Size, build_tokenizer, idefics3_parts
+from training import world
+from training.data import TRAIN_MIX, Example, make_example
+
+SIZE = Size(
+    image_size=128,
+    patch_size=16,
+    hidden=256,
+    layers=3,
+    heads=8,
+    vision_hidden=192,
+    vision_layers=4,
+    vision_heads=6,
+    scale_factor=2,
+    context_length=512,
+)
+BPE_VOCAB = 700
+ISOLATE = "[A-Z0-9]"  # printed words and numbers are spelled a letter or digit at a time
+EOS = "<end_of_utterance>"
+
+
+def tokenizer_corpus(seed: int, n: int = 6000) -> str:
+    """The text the tokenizer learns its merges from: the world's questions and answers."""
+    rng = random.Random(seed)
+    lines = list(world.SYSTEM_PROMPTS) + world.WORDS
+    for _ in range(n):
+        scene = world.sample_scene(rng)
+        kind = rng.choice(world.QUESTION_TYPES[:-1])
+        lines.extend(world.ask(scene, rng, kind))
+        if rng.random() < 0.1:
+            lines.extend(world.ask_pair(scene, world.sample_scene(rng), rng))
+    lines.append("User: Assistant: System:")
+    return "\n".join(lines)
+
+
+def build(seed: int) -> tuple[Any, Any]:
+    """A fresh (model, processor) pair with random weights drawn from `seed`."""
+    from transformers import AutoModelForImageTextToText, GenerationConfig
+
+    tokenizer = build_tokenizer(
+        "idefics3",
+        tokenizer_corpus(seed),
+        vocab_size=BPE_VOCAB,
+        isolate=ISOLATE,
+        context_length=SIZE.context_length,
+    )
+    config, processor = idefics3_parts(tokenizer, SIZE)
+    torch.manual_seed(seed)
+    model: Any = AutoModelForImageTextToText.from_config(config)  # type: ignore[no-untyped-call]
+    model.generation_config = GenerationConfig(  # type: ignore[no-untyped-call]
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.convert_tokens_to_ids(EOS),
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return model, processor
+
+
+def collate(examples: list[Example], processor: Any) -> dict[str, torch.Tensor]:
+    """Tokenize chats with their answers; the loss is on the answer (and its end token) only."""
+    texts, images, answers = [], [], []
+    for ex in examples:
+        prompt = processor.apply_chat_template(ex.messages(), add_generation_prompt=True)
+        completion = " " + ex.answer + EOS
+        texts.append(prompt + completion)
+        images.append(ex.images)
+        answers.append(processor.tokenizer(completion, add_special_tokens=False).input_ids)
+    batch = processor(text=texts, images=images, return_tensors="pt", padding=True)
+    labels = torch.full_like(batch["input_ids"], -100)
+    lengths = batch["attention_mask"].sum(dim=1).tolist()
+    for i, (length, answer) in enumerate(zip(lengths, answers, strict=True)):
+        tail = batch["input_ids"][i, length - len(answer) : length]
+        if tail.tolist() != answer:
+            raise RuntimeError("the answer does not tokenize the same inside the chat")
+        labels[i, length - len(answer) : length] = tail
+    batch["labels"] = labels
+    return dict(batch)
+
+
+class Batches(IterableDataset[dict[str, torch.Tensor]]):
+    """Batch k is drawn from Random((seed, k)): the stream does not depend on worker timing."""
+
+    def __init__(self, processor: Any, seed: int, batch_size: int, start: int, stop: int) -> None:
+        self.processor = processor
+        self.seed = seed
+        self.batch_size = batch_size
+        self.start = start
+        self.stop = stop
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        singles: list[world.QuestionType] = [k for k in TRAIN_MIX if k != "pair"]
+        weights = [TRAIN_MIX[k] for k in singles]
+        for step in range(self.start, self.stop):
+            rng = random.Random(f"{self.seed}:{step}")
+            # Two-image examples are twice as long: batching them apart saves the padding.
+            kinds: list[world.QuestionType]
+            if rng.random() < TRAIN_MIX["pair"]:
+                kinds = ["pair"] * self.batch_size
+            else:
+                kinds = rng.choices(singles, weights=weights, k=self.batch_size)
+            examples = [make_example(rng, kind=kind) for kind in kinds]
+            yield collate(examples, self.processor)
+
+
+def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return peak * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def model_card(params: int, args: argparse.Namespace, minutes: float, loss: float) -> str:
+    image_tokens = (SIZE.image_size // SIZE.patch_size) ** 2 // SIZE.scale_factor**2
+    command = (
+        ".venv/bin/python -m training.train --out src/oculo/models/oculo-tiny "
+        f"--steps {args.steps} --seed {args.seed}"
+    )
+    describe = 'A red circle and a blue star. The text says "GO".'
+    return f"""# oculo-tiny
+
+oculo's built-in default model: a {params / 1e6:.2f}M-parameter vision-language model of the
+**Idefics3 / SmolVLM architecture** (the transformers classes themselves), trained from random
+weights by `training/train.py` on procedurally drawn images. It loads with `AutoProcessor` and
+`AutoModelForImageTextToText` like any SmolVLM checkpoint, through the same code path that serves
+real checkpoints.
+
+## What it knows
+
+Images of 1 to 3 flat shapes (circle, square, triangle, star) in 8 colours (red, orange, yellow,
+green, blue, purple, white, black), left to right, on plain, gradient or noisy backgrounds, at any
+size from 32 to 1,120 px and any aspect ratio, optionally with one short printed word (from a list
+of about 200 common English words) or number (2 to 4 digits) in the top part of the image. It
+answers, with or without a system message:
+
+- "What is in this image?" / "Describe the image." -> `{describe}`
+- "How many shapes are there?" -> `2`
+- "What color is the triangle?" -> `Green.` (or `There is no triangle.`)
+- "Is there a green square?" -> `Yes.` / `No.`
+- "What text is in the image?" / "Read the text." -> `"GO"` (or `There is no text.`)
+- two images, "Describe the images." -> `The first image shows ... The second image shows ...`
+
+It knows nothing else: a photograph gets an answer about shapes. Serve a real checkpoint for real
+images (`oculo serve --model PATH`).
+
+## Architecture
+
+{SIZE}.
+
+The image is resized to {SIZE.image_size}x{SIZE.image_size} px (no tiling), cut in
+{SIZE.patch_size} px patches, pixel-shuffled x{SIZE.scale_factor}: {image_tokens} image tokens per
+image. Byte-level BPE tokenizer ({BPE_VOCAB}
+merges trained on the world's questions and answers; capital letters and digits stay single
+tokens so printed words are spelled out), SmolVLM's chat template.
+
+## Training
+
+```
+{command}
+```
+
+{args.steps} steps of {args.batch_size} examples ({args.steps * args.batch_size:,} freshly drawn
+examples, none repeated), AdamW (peak lr {args.lr}, warm-up {args.warmup}, cosine), bf16 autocast,
+{minutes:.0f} minutes on 2 CPU cores; final training loss {loss:.4f}.
+"""
+
+
+def save(model: Any, processor: Any, folder: Path) -> None:
+    model.eval()
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--steps", type=int, default=2800)
+    parser.add_argument("--batch-size", type=int, default=48)
+    parser.add_argument("--lr", type=float, default=1.5e-3)
+    parser.add_argument("--warmup", type=int, default=200)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--probe", action="store_true", help="time 20 steps and stop")
+    parser.add_argument("--save-every", type=int, default=0, help="also save snapshots")
+    parser.add_argument(
+        "--stop-after",
+        type=int,
+        default=0,
+        help="run only the first N steps (reproducibility check)",
+    )
+    parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True)
+    args = parser.parse_args()
+
+    torch.set_num_threads(args.threads)
+    model, processor = build(args.seed)
+    params = sum(p.numel() for p in model.parameters())
+    print(f"oculo-tiny: {params / 1e6:.2f}M parameters, {SIZE}", flush=True)
+    steps = 20 if args.probe else args.steps
+    loader = DataLoader(
+        Batches(processor, args.seed, args.batch_size, 0, args.stop_after or steps),
+        batch_size=None,
+        num_workers=args.workers,
+        prefetch_factor=4 if args.workers else None,
+        persistent_workers=False,
+    )
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98)
+    )
+    model.train()
+    started = time.perf_counter()
+    window: list[float] = []
+    log: list[dict[str, float]] = []
+    for step, batch in enumerate(loader):
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, steps, args.lr, args.warmup)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
+            loss = model(**batch).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        window.append(loss.item())
+        if (step + 1) % 50 == 0 or step + 1 == steps:
+            elapsed = time.perf_counter() - started
+            mean = sum(window) / len(window)
+            window.clear()
+            log.append({"step": step + 1, "loss": mean, "minutes": elapsed / 60})
+            print(
+                f"step {step + 1}/{steps} loss {mean:.4f} "
+                f"{(step + 1) / elapsed:.2f} steps/s {elapsed / 60:.1f} min",
+                flush=True,
+            )
+        if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < steps:
+            save(model, processor, args.out.with_name(f"{args.out.name}-step{step + 1}"))
+            model.train()
+    if args.probe or args.stop_after:
+        done = args.stop_after or steps
+        print(f"stopped after {done} steps: {done / (time.perf_counter() - started):.2f} steps/s")
+        return
+    save(model, processor, args.out)
+    minutes = (time.perf_counter() - started) / 60
+    (args.out / "training_log.json").write_text(
+        json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "log": log}, indent=1)
+    )
+    (args.out / "README.md").write_text(model_card(params, args, minutes, log[-1]["loss"]))
+    print(f"saved to {args.out} after {(time.perf_counter() - started) / 60:.1f} min")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,389 @@
+"""The world oculo-tiny knows: flat shapes in colours, an optional printed word, and questions.
+
+A `Scene` is 1 to 3 shapes (circle, square, triangle, star) in 8 colours, left to right, on a
+plain, gradient or noisy background, at any size from 32 to 1,120 px and any aspect ratio,
+optionally with one short word or number (2 to 6 letters or digits). `render` draws a scene in one
+of two styles: "train" (the routine the model is trained on) and "alt" (made differently, for
+evaluation only: anti-aliased edges by supersampling, other shape proportions and sizes, a blocky
+bitmap font, JPEG / WebP compression, sometimes an animated GIF whose first frame is the scene).
+`ask` makes a question and its one exact answer about a scene, in one of several phrasings.
+
+Everything is driven by a `random.Random`, so a seed reproduces a data set exactly.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import random
+from dataclasses import dataclass
+from typing import Literal
+
+from PIL import Image, ImageChops, ImageDraw, ImageFilter, ImageFont
+
+SHAPES = ("circle", "square", "triangle", "star")
+COLORS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 30, 30),
+    "orange": (245, 140, 20),
+    "yellow": (245, 220, 30),
+    "green": (40, 170, 60),
+    "blue": (30, 80, 220),
+    "purple": (140, 50, 180),
+    "white": (250, 250, 250),
+    "black": (15, 15, 15),
+}
+QuestionType = Literal["describe", "count", "color", "exists", "text", "pair"]
+QUESTION_TYPES: tuple[QuestionType, ...] = ("describe", "count", "color", "exists", "text", "pair")
+
+WORDS = """
+GO STOP OPEN EXIT CAT DOG SUN MOON STAR HOME BOOK TREE FISH BIRD CAKE MILK RAIN SNOW
+FIRE WIND LOVE HOPE PLAY WORK SHOP CAFE BANK PARK ROAD CITY TOWN BOAT SHIP CAR BUS
+TAXI HOTEL MAP KEY DOOR LAMP DESK BED SOFA CUP PEN INK ART FILM SONG DANCE GAME BALL
+GOLF TEAM GOAL WIN LOSE FAST SLOW HOT COLD NEW OLD BIG TINY HIGH LOW LEFT RIGHT UP DOWN
+YES NO OK HELLO HI BYE THANKS SALE FREE PUSH PULL HELP INFO MENU FOOD TEA BEER WINE
+PIZZA BREAD APPLE LEMON PEAR PLUM GRAPE MANGO HONEY SUGAR SALT RICE SOUP MEAT EGG
+NORTH SOUTH EAST WEST CLOSED LOCKED QUIET SMILE HAPPY SAD ANGRY BRAVE CALM WILD ZOO
+FARM FROG BEAR LION TIGER HORSE MOUSE SHEEP GOAT DUCK OWL WOLF FOX DEER ROSE LILY
+GOLD SILVER IRON STONE GLASS PAPER WOOD SAND SEA LAKE RIVER HILL ROCK CLOUD STORM
+ALPHA BETA GAMMA DELTA OMEGA ZERO ONE TWO THREE FOUR FIVE SIX TEN JAZZ ROCK BLUES
+QUIZ TEXT NOTE MAIL POST NEWS DATA CODE WEB APP LOGIN USER ADMIN SAVE LOAD SEND
+""".split()
+
+SYSTEM_PROMPTS = (
+    "You are a helpful assistant that can answer questions about the image.",
+    "You are a helpful assistant.",
+    "Answer questions about images briefly and accurately.",
+    "You are a vision assistant. Look at the image and answer the question.",
+    "Be concise.",
+)
+
+Style = Literal["train", "alt"]
+
+
+@dataclass(frozen=True)
+class Item:
+    shape: str
+    color: str
+
+
+@dataclass(frozen=True)
+class Scene:
+    items: tuple[Item, ...]  # left to right
+    text: str | None
+    width: int
+    height: int
+    background: str  # "plain", "gradient" or "noise"
+
+
+def _log_uniform(rng: random.Random, low: float, high: float) -> float:
+    return math.exp(rng.uniform(math.log(low), math.log(high)))
+
+
+def sample_size(rng: random.Random) -> tuple[int, int]:
+    """Any size from 32 to 1,120 px on each side, any aspect ratio (clamped to 1:4)."""
+    side = _log_uniform(rng, 48, 1120)
+    aspect = _log_uniform(rng, 0.4, 2.5) if rng.random() < 0.7 else 1.0
+    width = round(min(1120, max(32, side * math.sqrt(aspect))))
+    height = round(min(1120, max(32, side / math.sqrt(aspect))))
+    return width, height
+
+
+def sample_text(rng: random.Random) -> str:
+    if rng.random() < 0.7:
+        return rng.choice([w for w in WORDS if 2 <= len(w) <= 6])
+    digits = rng.choice((2, 2, 3, 3, 4))
+    return str(rng.randrange(10 ** (digits - 1), 10**digits))
+
+
+def sample_scene(rng: random.Random, *, text_rate: float = 0.5) -> Scene:
+    width, height = sample_size(rng)
+    count = rng.choice((1, 2, 3))
+    items = tuple(Item(rng.choice(SHAPES), rng.choice(tuple(COLORS))) for _ in range(count))
+    text = sample_text(rng) if rng.random() < text_rate and min(width, height) >= 64 else None
+    background = rng.choice(("plain", "plain", "gradient", "noise"))
+    return Scene(items, text, width, height, background)
+
+
+# --------------------------------------------------------------------------- drawing
+
+
+def _background_color(rng: random.Random, avoid: list[tuple[int, int, int]]) -> tuple[int, ...]:
+    """A colour far from every shape colour in the scene (and from white/black text)."""
+    for _ in range(200):
+        candidate = tuple(rng.randrange(60, 200) for _ in range(3))
+        if all(math.dist(candidate, c) > 110 for c in avoid):
+            return candidate
+    return (128, 128, 128)
+
+
+def _draw_background(scene: Scene, rng: random.Random, size: tuple[int, int]) -> Image.Image:
+    avoid = [COLORS[i.color] for i in scene.items] + [(250, 250, 250), (15, 15, 15)]
+    first = _background_color(rng, avoid)
+    if scene.background == "plain":
+        return Image.new("RGB", size, first)
+    if scene.background == "gradient":
+        second = _background_color(rng, avoid)
+        ramp = Image.linear_gradient("L").resize(size)
+        if rng.random() < 0.5:
+            ramp = ramp.transpose(Image.Transpose.ROTATE_90).resize(size)
+        return Image.composite(Image.new("RGB", size, second), Image.new("RGB", size, first), ramp)
+    noise = Image.effect_noise(size, rng.uniform(10, 30))  # grey, centred on 128
+    grain = Image.merge("RGB", [noise] * 3)
+    return ImageChops.add(Image.new("RGB", size, first), grain, scale=1.0, offset=-128)
+
+
+def _star(
+    cx: float, cy: float, r: float, rot: float, inner: float = 0.45
+) -> list[tuple[float, float]]:
+    points = []
+    for k in range(10):
+        radius = r if k % 2 == 0 else r * inner
+        angle = rot + k * math.pi / 5 - math.pi / 2
+        points.append((cx + radius * math.cos(angle), cy + radius * math.sin(angle)))
+    return points
+
+
+def _draw_shape(
+    draw: ImageDraw.ImageDraw,
+    shape: str,
+    box: tuple[float, float, float, float],
+    color: tuple[int, int, int],
+    rng: random.Random,
+    style: Style,
+) -> None:
+    x0, y0, x1, y1 = box
+    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+    r = min(x1 - x0, y1 - y0) / 2
+    stretch = rng.uniform(0.75, 1.3) if style == "alt" else 1.0
+    if shape == "circle":
+        rx, ry = r * min(stretch, 1.0), r / max(stretch, 1.0)
+        draw.ellipse((cx - rx, cy - ry, cx + rx, cy + ry), fill=color)
+    elif shape == "square":
+        rx, ry = r * 0.9 * min(stretch, 1.0), r * 0.9 / max(stretch, 1.0)
+        if style == "alt" and rng.random() < 0.5:
+            draw.rounded_rectangle(
+                (cx - rx, cy - ry, cx + rx, cy + ry), radius=r * 0.15, fill=color
+            )
+        else:
+            draw.rectangle((cx - rx, cy - ry, cx + rx, cy + ry), fill=color)
+    elif shape == "triangle":
+        apex = rng.uniform(-0.3, 0.3) * r if style == "alt" else 0.0
+        draw.polygon(
+            [(cx + apex, cy - r), (cx + r, cy + r * 0.8), (cx - r, cy + r * 0.8)], fill=color
+        )
+    else:
+        inner = rng.uniform(0.35, 0.55) if style == "alt" else 0.45
+        rot = rng.uniform(-0.3, 0.3) if style == "alt" else 0.0
+        draw.polygon(_star(cx, cy, r, rot, inner), fill=color)
+
+
+def _layout(
+    scene: Scene, rng: random.Random, size: tuple[int, int], text_band: float
+) -> list[tuple[float, float, float, float]]:
+    """Boxes for the shapes, left to right, in distinct columns so the order is unambiguous."""
+    width, height = size
+    n = len(scene.items)
+    top = height * (text_band if scene.text else 0.0)
+    column = width / n
+    boxes = []
+    for k in range(n):
+        free_h = height - top
+        side = min(column, free_h) * rng.uniform(0.5, 0.85)
+        x = column * k + rng.uniform(0, column - side)
+        y = top + rng.uniform(0, free_h - side)
+        boxes.append((x, y, x + side, y + side))
+    return boxes
+
+
+def _text_font(style: Style, px: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+    if style == "train":
+        return ImageFont.load_default(size=px)
+    return ImageFont.load_default_imagefont()
+
+
+def _draw_text(
+    image: Image.Image, scene: Scene, rng: random.Random, style: Style, band: float
+) -> None:
+    assert scene.text is not None
+    width, height = image.size
+    band_h = height * band
+    color = (250, 250, 250) if rng.random() < 0.5 else (15, 15, 15)
+    if style == "train":
+        px = max(8, int(min(band_h * 0.8, width / (0.75 * len(scene.text) + 0.5))))
+        font = _text_font(style, px)
+        draw = ImageDraw.Draw(image)
+        left, top, right, bottom = draw.textbbox((0, 0), scene.text, font=font)
+        x = rng.uniform(0, max(0.0, width - (right - left))) - left
+        y = (band_h - (bottom - top)) / 2 - top
+        draw.text((x, y), scene.text, fill=color, font=font)
+        return
+    # alt: the 6x11 bitmap font, drawn small and scaled up with nearest neighbour: blocky glyphs
+    font = _text_font(style, 11)
+    probe = ImageDraw.Draw(Image.new("L", (1, 1)))
+    left, top, right, bottom = probe.textbbox((0, 0), scene.text, font=font)
+    glyphs = Image.new("L", (int(right - left) + 2, int(bottom - top) + 2), 0)
+    ImageDraw.Draw(glyphs).text((1 - left, 1 - top), scene.text, fill=255, font=font)
+    scale = max(1.0, min(band_h * 0.8 / glyphs.height, width * 0.9 / glyphs.width))
+    glyphs = glyphs.resize(
+        (max(1, int(glyphs.width * scale)), max(1, int(glyphs.height * scale))),
+        Image.Resampling.NEAREST,
+    )
+    x = int(rng.uniform(0, max(0, width - glyphs.width)))
+    y = int(max(0, (band_h - glyphs.height) / 2))
+    image.paste(Image.new("RGB", glyphs.size, color), (x, y), glyphs)
+
+
+def render(scene: Scene, rng: random.Random, style: Style = "train") -> Image.Image:
+    """Draw `scene` as an RGB image of its size."""
+    size = (scene.width, scene.height)
+    band = 0.3
+    if style == "alt":
+        factor = 3  # supersample, then downscale: anti-aliased edges
+        big = (scene.width * factor, scene.height * factor)
+        image = _draw_background(scene, rng, big)
+        draw = ImageDraw.Draw(image)
+        for item, box in zip(scene.items, _layout(scene, rng, big, band), strict=True):
+            _draw_shape(draw, item.shape, box, COLORS[item.color], rng, style)
+        image = image.resize(size, Image.Resampling.LANCZOS)
+        if scene.text:
+            _draw_text(image, scene, rng, style, band)
+        if rng.random() < 0.3:
+            image = image.filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 0.8)))
+        return image
+    image = _draw_background(scene, rng, size)
+    draw = ImageDraw.Draw(image)
+    for item, box in zip(scene.items, _layout(scene, rng, size, band), strict=True):
+        _draw_shape(draw, item.shape, box, COLORS[item.color], rng, style)
+    if scene.text:
+        _draw_text(image, scene, rng, style, band)
+    return image
+
+
+def encode(image: Image.Image, rng: random.Random, style: Style) -> tuple[bytes, str]:
+    """The bytes a client would send: PNG for "train"; JPEG, WebP or an animated GIF for "alt"."""
+    buf = io.BytesIO()
+    if style == "train":
+        image.save(buf, "PNG")
+        return buf.getvalue(), "image/png"
+    kind = rng.choice(("jpeg", "webp", "gif", "png"))
+    if kind == "jpeg":
+        image.save(buf, "JPEG", quality=rng.randrange(55, 95))
+    elif kind == "webp":
+        image.save(buf, "WEBP", quality=rng.randrange(55, 95))
+    elif kind == "gif":
+        second = Image.new("RGB", image.size, (128, 128, 128))
+        image.save(buf, "GIF", save_all=True, append_images=[second], duration=200, loop=0)
+    else:
+        image.save(buf, "PNG")
+    return buf.getvalue(), f"image/{kind}"
+
+
+# --------------------------------------------------------------------------- questions
+
+
+def _a(word: str) -> str:
+    return ("an " if word[0] in "aeiou" else "a ") + word
+
+
+def _article(item: Item) -> str:
+    return _a(f"{item.color} {item.shape}")
+
+
+def describe(scene: Scene) -> str:
+    parts = [_article(i) for i in scene.items]
+    shapes = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+    text = f' The text says "{scene.text}".' if scene.text else ""
+    return shapes[0].upper() + shapes[1:] + "." + text
+
+
+def _count_word(n: int) -> str:
+    return str(n)
+
+
+def ask(scene: Scene, rng: random.Random, kind: QuestionType) -> tuple[str, str]:
+    """A question of `kind` about `scene` and its exact answer ("pair" is asked with `ask_pair`)."""
+    if kind == "describe":
+        q = rng.choice(
+            (
+                "What is in this image?",
+                "Describe the image.",
+                "What do you see?",
+                "What does this picture show?",
+                "Describe this image.",
+            )
+        )
+        return q, describe(scene)
+    if kind == "count":
+        q = rng.choice(
+            ("How many shapes are there?", "How many shapes are in the image?", "Count the shapes.")
+        )
+        return q, _count_word(len(scene.items))
+    if kind == "color":
+        present = [i.shape for i in scene.items]
+        unique = [s for s in SHAPES if present.count(s) == 1]
+        absent = [s for s in SHAPES if s not in present]
+        if unique and (not absent or rng.random() < 0.85):
+            shape = rng.choice(unique)
+            answer = next(i.color for i in scene.items if i.shape == shape).capitalize() + "."
+        elif absent:
+            shape = rng.choice(absent)
+            answer = f"There is no {shape}."
+        else:  # every shape appears twice or more: ask how many instead
+            return ask(scene, rng, "count")
+        q = rng.choice(
+            (
+                f"What color is the {shape}?",
+                f"What colour is the {shape}?",
+                f"Which color is the {shape}?",
+            )
+        )
+        return q, answer
+    if kind == "exists":
+        pairs = {(i.color, i.shape) for i in scene.items}
+        if rng.random() < 0.5:
+            color, shape = rng.choice(sorted(pairs))
+        else:
+            while True:
+                item = scene.items[rng.randrange(len(scene.items))]
+                if rng.random() < 0.5:
+                    color, shape = item.color, rng.choice(SHAPES)
+                elif rng.random() < 0.5:
+                    color, shape = rng.choice(tuple(COLORS)), item.shape
+                else:
+                    color, shape = rng.choice(tuple(COLORS)), rng.choice(SHAPES)
+                if (color, shape) not in pairs:
+                    break
+        q = rng.choice(
+            (
+                f"Is there {_a(color)} {shape}?",
+                f"Is there {_a(color)} {shape} in the image?",
+                f"Do you see {_a(color)} {shape}?",
+            )
+        )
+        return q, "Yes." if (color, shape) in pairs else "No."
+    if kind == "text":
+        q = rng.choice(
+            (
+                "What text is in the image?",
+                "Read the text.",
+                "What does the text say?",
+                "What is written in the image?",
+            )
+        )
+        return q, (f'"{scene.text}"' if scene.text else "There is no text.")
+    raise ValueError(f"ask_pair asks {kind!r} questions")
+
+
+def ask_pair(first: Scene, second: Scene, rng: random.Random) -> tuple[str, str]:
+    q = rng.choice(("What is in these images?", "Describe the images.", "What is in this image?"))
+    a = describe(first)
+    b = describe(second)
+    answer = (
+        f"The first image shows {a[0].lower()}{a[1:]} The second image shows {b[0].lower()}{b[1:]}"
+    )
+    return q, answer
+
+
+def normalize(answer: str) -> str:
+    """What exact-match scoring compares: case, surrounding space and final punctuation ignored."""
+    return " ".join(answer.strip().rstrip(".").lower().split())
