@@ -132,7 +132,11 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--card", action="store_true", help="write the table into README.md")
     parser.add_argument("--json", type=Path, help="write the whole report here")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (1 beside training)")
     args = parser.parse_args()
+    import torch
+
+    torch.set_num_threads(args.threads)
     started = time.perf_counter()
     report = asyncio.run(evaluate(args.model, args.n, args.seed))
     report["seconds"] = round(time.perf_counter() - started, 1)
