@@ -32,8 +32,8 @@ serve: install
 	$(BIN)/oculo serve --host $(HOST) --port $(PORT)
 
 lint: install-test
-	$(BIN)/ruff check src tests
-	$(BIN)/ruff format --check src tests
+	$(BIN)/ruff check src tests training benchmarks
+	$(BIN)/ruff format --check src tests training benchmarks
 	$(BIN)/mypy
 
 test: lint
