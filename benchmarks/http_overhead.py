@@ -6,7 +6,7 @@ A tiny Idefics3 checkpoint (random weights, built offline) answers the same one-
            with the image sent as a base64 data URI: parse, policy, decode, engine, JSON/SSE
 Reported: median latency to the whole answer and to the first token, and http / engine ratios.
 
-    .venv/bin/python benchmarks/http_overhead.py [--rounds 40] [--width 560 --height 560]
+    .venv/bin/python -m benchmarks.http_overhead [--rounds 40] [--width 560 --height 560]
 """
 
 from __future__ import annotations
@@ -18,8 +18,6 @@ import io
 import os
 import platform
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -27,10 +25,10 @@ from pathlib import Path
 import httpx
 from PIL import Image
 
+from benchmarks.live_server import KEY, live_server
 from oculo.engines.base import GenerationRequest, ImageSegment, Message, SamplingParams, TextSegment
 from oculo.testing.checkpoints import build_checkpoint
 
-KEY = "sk-bench"
 MAX_TOKENS = 8
 
 
@@ -106,25 +104,10 @@ def main() -> None:
     image = Image.open(io.BytesIO(data)).convert("RGB")
     e_whole, e_first = asyncio.run(engine_times(folder, image, args.rounds))
 
-    port = 18000 + os.getpid() % 1000
-    env = {**os.environ, "OCULO_API_KEYS": KEY}
-    cmd = [sys.executable, "-m", "oculo.cli", "serve", "--model", str(folder), "--model-id",
-           "bench", "--port", str(port), "--log-level", "warning"]  # fmt: skip
-    server = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(300):
-            try:
-                if httpx.get(base + "/ready").status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        uri = "data:image/png;base64," + base64.b64encode(data).decode()
+    uri = "data:image/png;base64," + base64.b64encode(data).decode()
+    with live_server("--model", str(folder), "--model-id", "bench") as base:
         h_whole, h_first = http_times(base, uri, args.rounds)
-    finally:
-        server.terminate()
-        server.wait()
+
     print(
         f"{platform.machine()}, {os.cpu_count()} cores; tiny Idefics3 (random weights), "
         f"one {args.width}x{args.height} PNG ({len(data):,} bytes), {MAX_TOKENS} tokens, "

@@ -7,7 +7,7 @@ A two-image body of about 700 KB (two JPEGs as base64 data URIs) goes through
   decode:  decode_images (Pillow, off the event loop in the server)
 Each is timed over many rounds; the report gives the median per request and the ratio to the floor.
 
-    .venv/bin/python benchmarks/request_path.py [--rounds 300]
+    .venv/bin/python -m benchmarks.request_path [--rounds 300]
 """
 
 from __future__ import annotations

@@ -106,8 +106,8 @@ class TransformersEngine:
         context_length: prompt plus answer limit; defaults to the text model's
             `max_position_embeddings`.
 
-    Loading is synchronous and can take a while for a real model: from async code use
-    `await TransformersEngine.load(...)`, which loads in a thread.
+    Loading is synchronous and can take a while for a real model: from async code, construct it
+    in a worker thread (`asyncio.to_thread`), as the model registry does.
     """
 
     def __init__(
@@ -192,27 +192,6 @@ class TransformersEngine:
             self.load_seconds,
         )
 
-    @classmethod
-    async def load(
-        cls,
-        path: str | Path,
-        *,
-        model_id: str | None = None,
-        device: str = "cpu",
-        dtype: str = "auto",
-        max_new_tokens_default: int = 512,
-        context_length: int | None = None,
-    ) -> TransformersEngine:
-        """Load in a worker thread, so the event loop keeps serving meanwhile."""
-        return await asyncio.to_thread(
-            cls,
-            path,
-            model_id=model_id,
-            device=device,
-            dtype=dtype,
-            max_new_tokens_default=max_new_tokens_default,
-            context_length=context_length,
-        )
 
     # -- the Engine protocol -------------------------------------------------------------------
 
