@@ -19,6 +19,7 @@ import random
 from dataclasses import dataclass
 from typing import Literal
 
+import numpy as np
 from PIL import Image, ImageChops, ImageDraw, ImageFilter, ImageFont
 
 SHAPES = ("circle", "square", "triangle", "star")
@@ -127,7 +128,10 @@ def _draw_background(scene: Scene, rng: random.Random, size: tuple[int, int]) ->
         if rng.random() < 0.5:
             ramp = ramp.transpose(Image.Transpose.ROTATE_90).resize(size)
         return Image.composite(Image.new("RGB", size, second), Image.new("RGB", size, first), ramp)
-    noise = Image.effect_noise(size, rng.uniform(10, 30))  # grey, centred on 128
+    # Grey grain centred on 128, drawn from `rng` (Pillow's effect_noise uses C's rand()).
+    sigma = rng.uniform(10, 30)
+    values = np.random.default_rng(rng.getrandbits(64)).normal(128, sigma, (size[1], size[0]))
+    noise = Image.fromarray(np.clip(values, 0, 255).astype(np.uint8))
     grain = Image.merge("RGB", [noise] * 3)
     return ImageChops.add(Image.new("RGB", size, first), grain, scale=1.0, offset=-128)
 

@@ -1,0 +1,113 @@
+"""The training world and pipeline: deterministic, consistent, loadable like any checkpoint."""
+
+from __future__ import annotations
+
+import io
+import random
+from pathlib import Path
+
+import pytest
+
+from oculo.testing.checkpoints import Size, build_tokenizer, idefics3_parts
+from training import world
+from training.data import make_example
+from training.train import EOS, ISOLATE, collate, tokenizer_corpus
+
+
+def test_scenes_are_reproducible_and_within_the_world() -> None:
+    for seed in range(40):
+        a = world.sample_scene(random.Random(seed))
+        b = world.sample_scene(random.Random(seed))
+        assert a == b
+        assert 1 <= len(a.items) <= 3
+        assert 32 <= a.width <= 1120 and 32 <= a.height <= 1120
+        assert all(i.shape in world.SHAPES and i.color in world.COLORS for i in a.items)
+        if a.text is not None:
+            assert 2 <= len(a.text) <= 6 and a.text.isalnum() and a.text.upper() == a.text
+            assert min(a.width, a.height) >= 64
+        image_a = world.render(a, random.Random(seed), "train")
+        image_b = world.render(b, random.Random(seed), "train")
+        assert image_a.size == (a.width, a.height)
+        assert image_a.tobytes() == image_b.tobytes()
+
+
+def test_answers_agree_with_the_scene() -> None:
+    rng = random.Random(7)
+    for _ in range(300):
+        scene = world.sample_scene(rng)
+        q, a = world.ask(scene, rng, "count")
+        assert a == str(len(scene.items))
+        q, a = world.ask(scene, rng, "exists")
+        asked = next((c, s) for c in world.COLORS for s in world.SHAPES if f" {c} {s}" in q)
+        present = {(i.color, i.shape) for i in scene.items}
+        assert a == ("Yes." if asked in present else "No.")
+        q, a = world.ask(scene, rng, "text")
+        assert a == (f'"{scene.text}"' if scene.text else "There is no text.")
+        q, a = world.ask(scene, rng, "describe")
+        assert a.count(" a ") + a.count(" an ") + 1 >= len(scene.items)
+        for item in scene.items:
+            assert f"{item.color} {item.shape}" in a
+
+
+def test_the_alt_routine_draws_differently() -> None:
+    scene = world.sample_scene(random.Random(3), text_rate=1.0)
+    plain = world.render(scene, random.Random(3), "train")
+    alt = world.render(scene, random.Random(3), "alt")
+    assert plain.size == alt.size and plain.tobytes() != alt.tobytes()
+    data, mime = world.encode(alt, random.Random(0), "alt")
+    assert mime in {"image/jpeg", "image/webp", "image/gif", "image/png"}
+    assert len(data) > 0
+
+
+def test_printed_words_are_spelled_a_letter_at_a_time() -> None:
+    tokenizer = build_tokenizer(
+        "idefics3", tokenizer_corpus(0, n=300), vocab_size=300, isolate=ISOLATE
+    )
+    for word in ("GO", "HELLO", "2024"):
+        pieces = tokenizer.tokenize(f' The text says "{word}".')
+        assert [p for p in pieces if p.isalnum() and p.upper() == p and p in word] == list(word)
+
+
+@pytest.fixture(scope="module")
+def small_parts() -> tuple[object, object]:
+    tokenizer = build_tokenizer(
+        "idefics3", tokenizer_corpus(0, n=300), vocab_size=300, isolate=ISOLATE
+    )
+    size = Size(image_size=32, patch_size=8, hidden=32, layers=1, heads=2, vision_hidden=32,
+                vision_layers=1, vision_heads=2)  # fmt: skip
+    return idefics3_parts(tokenizer, size)
+
+
+def test_collate_puts_the_loss_on_the_answer_only(small_parts: tuple[object, object]) -> None:
+    _, processor = small_parts
+    rng = random.Random(1)
+    examples = [make_example(rng, kind=k) for k in ("describe", "count", "text", "pair")]
+    batch = collate(examples, processor)
+    tok = processor.tokenizer  # type: ignore[attr-defined]
+    for row, example in enumerate(examples):
+        labelled = [t for t in batch["labels"][row].tolist() if t != -100]
+        assert tok.decode(labelled) == " " + example.answer + EOS
+
+
+def test_a_trained_folder_loads_like_any_checkpoint(
+    small_parts: tuple[object, object], tmp_path: Path
+) -> None:
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    config, processor = small_parts
+    torch.manual_seed(0)
+    model = AutoModelForImageTextToText.from_config(config)
+    batch = collate([make_example(random.Random(2))], processor)
+    loss = model(**batch).loss
+    loss.backward()  # one step of the real training objective runs
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)  # type: ignore[attr-defined]
+    loaded = AutoProcessor.from_pretrained(tmp_path)
+    again = AutoModelForImageTextToText.from_pretrained(tmp_path)
+    assert type(again).__name__ == "Idefics3ForConditionalGeneration"
+    assert loaded.tokenizer.tokenize("GO") == ["G", "O"]
+    image = world.render(world.sample_scene(random.Random(5)), random.Random(5))
+    buf = io.BytesIO()
+    image.save(buf, "PNG")
+    assert buf.tell() > 0
