@@ -192,7 +192,6 @@ class TransformersEngine:
             self.load_seconds,
         )
 
-
     # -- the Engine protocol -------------------------------------------------------------------
 
     @property
