@@ -23,7 +23,7 @@ The tree::
      +-- EngineError                500 server_error           engine_error
 
 Nothing else in oculo names a status code: routers and middleware raise these, and
-`error_body` / `status_of` turn them into responses.
+`oculo.api.responses.error_response` turns them into responses.
 """
 
 from __future__ import annotations
@@ -165,11 +165,3 @@ def from_exception(exc: BaseException) -> OculoError:
     if isinstance(exc, OculoError):
         return exc
     return OculoError("The server had an error while processing your request.")
-
-
-def status_of(exc: BaseException) -> int:
-    return from_exception(exc).status
-
-
-def error_body(exc: BaseException) -> dict[str, Any]:
-    return from_exception(exc).body()

@@ -54,10 +54,6 @@ class ModelRegistry:
     def ready(self) -> bool:
         return len(self._engines) == len(self._specs)
 
-    @property
-    def failures(self) -> dict[str, str]:
-        return dict(self._failed)
-
     def add(self, engine: Engine, spec: ModelSpec) -> None:
         """Register an engine that is already built (tests, embedding oculo in another app)."""
         self._specs[spec.id] = spec
@@ -98,9 +94,6 @@ class ModelRegistry:
             )
             raise EngineUnavailable(message, param="model", retry_after=None if reason else 5)
         return engine
-
-    def loaded(self) -> list[Engine]:
-        return list(self._engines.values())
 
     def engine_or_none(self, model_id: str) -> Engine | None:
         return self._engines.get(model_id)

@@ -56,7 +56,6 @@ class BodyGuard:
                 return {"type": "http.request", "body": body, "more_body": False}
             return await receive()  # after the body: http.disconnect when the client leaves
 
-        scope.setdefault("state", {})["body"] = body
         await self.app(scope, replay, send)
 
     @staticmethod

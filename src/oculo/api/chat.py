@@ -24,7 +24,7 @@ from oculo.api import sse
 from oculo.api.auth import Caller, authenticate
 from oculo.api.metrics import Metrics
 from oculo.api.responses import JSONResponse
-from oculo.engines.base import Delta, Engine, GenerationRequest
+from oculo.engines.base import Delta, GenerationRequest
 from oculo.errors import EngineError, OculoError, from_exception
 from oculo.policy import Limits, Prompt, build_prompt, decode_images
 from oculo.protocol import (
@@ -50,7 +50,6 @@ class Run:
     """One completion in flight: its identity and what has been counted so far."""
 
     prompt: Prompt
-    engine: Engine
     text_tokens: int
     started: float  # perf_counter at arrival
     id: str = field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex}")
@@ -93,7 +92,7 @@ class Run:
 
 async def _prepare(request: Request) -> tuple[Run, AsyncIterator[Delta], Delta]:
     started = time.perf_counter()
-    body: bytes = request.scope.get("state", {}).get("body") or await request.body()
+    body = await request.body()  # already counted and buffered by the body guard
     chat = parse_chat_request(body)
     app_state = request.app.state
     engine = app_state.registry.get(chat.model)
@@ -102,7 +101,6 @@ async def _prepare(request: Request) -> tuple[Run, AsyncIterator[Delta], Delta]:
     images = await asyncio.to_thread(decode_images, prompt.images, limits) if prompt.images else []
     run = Run(
         prompt=prompt,
-        engine=engine,
         text_tokens=engine.count_text_tokens(prompt.messages),
         started=started,
     )
