@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from oculo.testing.checkpoints import Size, build_tokenizer, idefics3_parts
-from training import world
+from training import patches, world
 from training.data import make_example
 from training.train import EOS, ISOLATE, collate, tokenizer_corpus
 
@@ -98,9 +98,14 @@ def test_a_trained_folder_loads_like_any_checkpoint(
     config, processor = small_parts
     torch.manual_seed(0)
     model = AutoModelForImageTextToText.from_config(config)
-    batch = collate([make_example(random.Random(2))], processor)
+    batch = collate([make_example(random.Random(2), kind="pair")], processor)
+    target = batch.pop("patch_targets")
+    heads = patches.PatchHeads(32)
+    heads.attach(model)
     loss = model(**batch).loss
-    loss.backward()  # one step of the real training objective runs
+    seen = heads.loss(target[:, :, :16])  # this tiny tower sees 4 x 4 patches
+    (loss + seen).backward()  # one step of the real training objective runs
+    assert model.model.vision_model.embeddings.patch_embedding.weight.grad.abs().sum() > 0
     model.save_pretrained(tmp_path)
     processor.save_pretrained(tmp_path)  # type: ignore[attr-defined]
     loaded = AutoProcessor.from_pretrained(tmp_path)
@@ -111,3 +116,28 @@ def test_a_trained_folder_loads_like_any_checkpoint(
     buf = io.BytesIO()
     image.save(buf, "PNG")
     assert buf.tell() > 0
+
+
+def test_patch_targets_say_what_is_under_each_patch() -> None:
+    scene = world.Scene(
+        (world.Item("square", "red"), world.Item("star", "blue")), "GO", 512, 512, "plain"
+    )
+    image, labels = world.render_labelled(scene, random.Random(0))
+    assert image.size == labels.items.size == (512, 512)
+    assert [c for c, _ in labels.chars] == ["G", "O"]
+    target = patches.targets(scene, labels, 128, 16)
+    shape, color, char = (t.reshape(8, 8) for t in target)
+    red, blue = 1 + list(world.COLORS).index("red"), 1 + list(world.COLORS).index("blue")
+    square, star = 1 + world.SHAPES.index("square"), 1 + world.SHAPES.index("star")
+    # left half: the square, in red; right half: the star, in blue; the top band: the word
+    assert (shape[:, :4] == square).any() and not (shape[:, :4] == star).any()
+    assert (shape[:, 4:] == star).any() and not (shape[:, 4:] == square).any()
+    assert ((shape == square) == (color == red)).all() and (
+        (shape == star) == (color == blue)
+    ).all()
+    assert (shape == patches.NONE).sum() > 16  # background
+    g, o = 1 + patches.CHARS.index("G"), 1 + patches.CHARS.index("O")
+    rows, cols = (char == g).nonzero(as_tuple=True)
+    assert rows.numel() and rows.max() < 3  # the word is in the top 30 %
+    assert cols.max() < (char == o).nonzero(as_tuple=True)[1].min()  # G left of O
+    assert set(char.unique().tolist()) == {patches.NONE, g, o}

@@ -8,7 +8,7 @@ turn with the image(s) and the question), plus the answer the assistant must giv
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from PIL import Image
@@ -34,6 +34,8 @@ class Example:
     answer: str
     images: list[Image.Image]  # as drawn (RGB); evaluation sends them through a file format
     image_first: bool = True
+    scenes: list[world.Scene] = field(default_factory=list)  # one per image
+    labels: list[world.Labels] = field(default_factory=list)  # where things are, per image
 
     def messages(self) -> list[dict[str, Any]]:
         """The chat in Hugging Face's format (image placeholders), as the engine renders it."""
@@ -62,9 +64,12 @@ def make_example(
     if kind == "pair":
         first, second = world.sample_scene(rng), world.sample_scene(rng)
         question, answer = world.ask_pair(first, second, rng)
-        images = [world.render(first, rng, style), world.render(second, rng, style)]
+        scenes = [first, second]
     else:
         scene = world.sample_scene(rng, text_rate=0.75 if kind == "text" else 0.4)
         question, answer = world.ask(scene, rng, kind)
-        images = [world.render(scene, rng, style)]
-    return Example(kind, system, question, answer, images, image_first)
+        scenes = [scene]
+    drawn = [world.render_labelled(scene, rng, style) for scene in scenes]
+    images = [image for image, _ in drawn]
+    labels = [label for _, label in drawn]
+    return Example(kind, system, question, answer, images, image_first, scenes, labels)

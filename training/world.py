@@ -17,7 +17,7 @@ import io
 import math
 import random
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 from PIL import Image, ImageChops, ImageDraw, ImageFilter, ImageFont
@@ -74,6 +74,18 @@ class Scene:
     width: int
     height: int
     background: str  # "plain", "gradient" or "noise"
+
+
+CharBox = tuple[str, tuple[float, float, float, float]]
+
+
+@dataclass
+class Labels:
+    """Where things are in a drawn image: `items` ("L") holds 1 + the index of the shape at each
+    pixel (0: background); `chars` each printed character with its box (x0, y0, x1, y1)."""
+
+    items: Image.Image
+    chars: list[CharBox]
 
 
 def _log_uniform(rng: random.Random, low: float, high: float) -> float:
@@ -147,38 +159,46 @@ def _star(
     return points
 
 
-def _draw_shape(
-    draw: ImageDraw.ImageDraw,
-    shape: str,
-    box: tuple[float, float, float, float],
-    color: tuple[int, int, int],
-    rng: random.Random,
-    style: Style,
-) -> None:
+def _shape_outline(
+    shape: str, box: tuple[float, float, float, float], rng: random.Random, style: Style
+) -> tuple[str, list[tuple[float, float]]]:
+    """The shape's outline: ("ellipse" | "rectangle" | "rounded", its box) or ("polygon", points).
+
+    Both routines vary proportions (the training one less); only "alt" rounds square corners.
+    """
     x0, y0, x1, y1 = box
     cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
     r = min(x1 - x0, y1 - y0) / 2
-    stretch = rng.uniform(0.75, 1.3) if style == "alt" else 1.0
-    if shape == "circle":
-        rx, ry = r * min(stretch, 1.0), r / max(stretch, 1.0)
-        draw.ellipse((cx - rx, cy - ry, cx + rx, cy + ry), fill=color)
-    elif shape == "square":
-        rx, ry = r * 0.9 * min(stretch, 1.0), r * 0.9 / max(stretch, 1.0)
-        if style == "alt" and rng.random() < 0.5:
-            draw.rounded_rectangle(
-                (cx - rx, cy - ry, cx + rx, cy + ry), radius=r * 0.15, fill=color
-            )
-        else:
-            draw.rectangle((cx - rx, cy - ry, cx + rx, cy + ry), fill=color)
-    elif shape == "triangle":
-        apex = rng.uniform(-0.3, 0.3) * r if style == "alt" else 0.0
-        draw.polygon(
-            [(cx + apex, cy - r), (cx + r, cy + r * 0.8), (cx - r, cy + r * 0.8)], fill=color
-        )
+    spread = 0.3 if style == "alt" else 0.15
+    stretch = math.exp(rng.uniform(-spread, spread))
+    if shape in ("circle", "square"):
+        k = 1.0 if shape == "circle" else 0.9
+        rx, ry = r * k * min(stretch, 1.0), r * k / max(stretch, 1.0)
+        corners = [(cx - rx, cy - ry), (cx + rx, cy + ry)]
+        if shape == "circle":
+            return "ellipse", corners
+        return ("rounded" if style == "alt" and rng.random() < 0.5 else "rectangle"), corners
+    if shape == "triangle":
+        apex = rng.uniform(-spread, spread) * r
+        return "polygon", [(cx + apex, cy - r), (cx + r, cy + r * 0.8), (cx - r, cy + r * 0.8)]
+    inner = rng.uniform(0.45 - spread / 2, 0.45 + spread / 2)
+    rot = rng.uniform(-spread, spread)
+    return "polygon", _star(cx, cy, r, rot, inner)
+
+
+def _fill(
+    draw: ImageDraw.ImageDraw, outline: tuple[str, list[tuple[float, float]]], fill: Any
+) -> None:
+    kind, points = outline
+    if kind == "ellipse":
+        draw.ellipse(points, fill=fill)
+    elif kind == "rectangle":
+        draw.rectangle(points, fill=fill)
+    elif kind == "rounded":
+        (a, b), (c, d) = points
+        draw.rounded_rectangle(points, radius=min(c - a, d - b) * 0.15, fill=fill)
     else:
-        inner = rng.uniform(0.35, 0.55) if style == "alt" else 0.45
-        rot = rng.uniform(-0.3, 0.3) if style == "alt" else 0.0
-        draw.polygon(_star(cx, cy, r, rot, inner), fill=color)
+        draw.polygon(points, fill=fill)
 
 
 def _layout(
@@ -199,68 +219,98 @@ def _layout(
     return boxes
 
 
-def _text_font(style: Style, px: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
-    if style == "train":
-        return ImageFont.load_default(size=px)
-    return ImageFont.load_default_imagefont()
+def _glyphs(
+    text: str, font: ImageFont.FreeTypeFont | ImageFont.ImageFont, stroke: int = 0
+) -> tuple[Image.Image, list[tuple[float, float]]]:
+    """`text` as a tight "L" mask, and each character's left and right edge in it."""
+    probe = ImageDraw.Draw(Image.new("L", (1, 1)))
+    left, top, right, bottom = probe.textbbox((0, 0), text, font=font, stroke_width=stroke)
+    mask = Image.new("L", (int(right - left) + 2, int(bottom - top) + 2), 0)
+    ImageDraw.Draw(mask).text((1 - left, 1 - top), text, fill=255, font=font, stroke_width=stroke)
+    spans = [
+        (1 - left + font.getlength(text[:i]), 1 - left + font.getlength(text[: i + 1]))
+        for i in range(len(text))
+    ]
+    return mask, spans
 
 
 def _draw_text(
     image: Image.Image, scene: Scene, rng: random.Random, style: Style, band: float
-) -> None:
+) -> list[CharBox]:
+    """Print the scene's word in the top band; return each character's box."""
     assert scene.text is not None
     width, height = image.size
     band_h = height * band
     color = (250, 250, 250) if rng.random() < 0.5 else (15, 15, 15)
     if style == "train":
+        # Pillow's own FreeType font, sometimes bolder, squeezed, or drawn small and blown up
+        # (blocky), so that the model reads glyphs, not one rendering of them.
         px = max(8, int(min(band_h * 0.8, width / (0.75 * len(scene.text) + 0.5))))
-        font = _text_font(style, px)
-        draw = ImageDraw.Draw(image)
-        left, top, right, bottom = draw.textbbox((0, 0), scene.text, font=font)
-        x = rng.uniform(0, max(0.0, width - (right - left))) - left
-        y = (band_h - (bottom - top)) / 2 - top
-        draw.text((x, y), scene.text, fill=color, font=font)
-        return
-    # alt: the 6x11 bitmap font, drawn small and scaled up with nearest neighbour: blocky glyphs
-    font = _text_font(style, 11)
-    probe = ImageDraw.Draw(Image.new("L", (1, 1)))
-    left, top, right, bottom = probe.textbbox((0, 0), scene.text, font=font)
-    glyphs = Image.new("L", (int(right - left) + 2, int(bottom - top) + 2), 0)
-    ImageDraw.Draw(glyphs).text((1 - left, 1 - top), scene.text, fill=255, font=font)
-    scale = max(1.0, min(band_h * 0.8 / glyphs.height, width * 0.9 / glyphs.width))
-    glyphs = glyphs.resize(
-        (max(1, int(glyphs.width * scale)), max(1, int(glyphs.height * scale))),
-        Image.Resampling.NEAREST,
-    )
-    x = int(rng.uniform(0, max(0, width - glyphs.width)))
-    y = int(max(0, (band_h - glyphs.height) / 2))
-    image.paste(Image.new("RGB", glyphs.size, color), (x, y), glyphs)
+        pixel = rng.choice((1, 1, 1, 2, 3))
+        pixel = pixel if px // pixel >= 10 else 1
+        stroke = 1 if rng.random() < 0.2 else 0
+        mask, spans = _glyphs(scene.text, ImageFont.load_default(size=max(6, px // pixel)), stroke)
+        squeeze = rng.uniform(0.85, 1.15) if rng.random() < 0.3 else 1.0
+        scale_x, scale_y = pixel * squeeze, float(pixel)
+        fit = min(1.0, width * 0.95 / (mask.width * scale_x))
+        scale_x, scale_y = scale_x * fit, scale_y * fit
+        resample = Image.Resampling.NEAREST if pixel > 1 else Image.Resampling.BILINEAR
+    else:
+        # alt: the 6x11 bitmap font, drawn small and scaled up with nearest neighbour
+        mask, spans = _glyphs(scene.text, ImageFont.load_default_imagefont())
+        scale = max(1.0, min(band_h * 0.8 / mask.height, width * 0.9 / mask.width))
+        scale_x = scale_y = scale
+        resample = Image.Resampling.NEAREST
+    size = (max(1, round(mask.width * scale_x)), max(1, round(mask.height * scale_y)))
+    fx = size[0] / mask.width
+    if size != mask.size:
+        mask = mask.resize(size, resample)
+    x = int(rng.uniform(0, max(0, width - mask.width)))
+    y = int(max(0, (band_h - mask.height) / 2))
+    image.paste(Image.new("RGB", mask.size, color), (x, y), mask)
+    return [
+        (char, (x + a * fx, y, x + b * fx, y + mask.height))
+        for char, (a, b) in zip(scene.text, spans, strict=True)
+    ]
 
 
 def render(scene: Scene, rng: random.Random, style: Style = "train") -> Image.Image:
     """Draw `scene` as an RGB image of its size."""
+    return render_labelled(scene, rng, style)[0]
+
+
+def render_labelled(
+    scene: Scene, rng: random.Random, style: Style = "train"
+) -> tuple[Image.Image, Labels]:
+    """Draw `scene`, and say where each shape and each printed character ended up."""
     size = (scene.width, scene.height)
     band = 0.3
-    if style == "alt":
-        factor = 3  # supersample, then downscale: anti-aliased edges
-        big = (scene.width * factor, scene.height * factor)
-        image = _draw_background(scene, rng, big)
-        draw = ImageDraw.Draw(image)
-        for item, box in zip(scene.items, _layout(scene, rng, big, band), strict=True):
-            _draw_shape(draw, item.shape, box, COLORS[item.color], rng, style)
+    factor = 3 if style == "alt" else 1  # alt: supersample, then downscale: anti-aliased edges
+    big = (scene.width * factor, scene.height * factor)
+    image = _draw_background(scene, rng, big)
+    items = Image.new("L", big, 0)
+    draw, label = ImageDraw.Draw(image), ImageDraw.Draw(items)
+    boxes = _layout(scene, rng, big, band)
+    for k, (item, box) in enumerate(zip(scene.items, boxes, strict=True)):
+        outline = _shape_outline(item.shape, box, rng, style)
+        _fill(draw, outline, COLORS[item.color])
+        _fill(label, outline, k + 1)
+    if factor > 1:
         image = image.resize(size, Image.Resampling.LANCZOS)
-        if scene.text:
-            _draw_text(image, scene, rng, style, band)
+        items = items.resize(size, Image.Resampling.NEAREST)
+    chars = _draw_text(image, scene, rng, style, band) if scene.text else []
+    if style == "alt":
         if rng.random() < 0.3:
             image = image.filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 0.8)))
-        return image
-    image = _draw_background(scene, rng, size)
-    draw = ImageDraw.Draw(image)
-    for item, box in zip(scene.items, _layout(scene, rng, size, band), strict=True):
-        _draw_shape(draw, item.shape, box, COLORS[item.color], rng, style)
-    if scene.text:
-        _draw_text(image, scene, rng, style, band)
-    return image
+        return image, Labels(items, chars)
+    # train: a little blur and JPEG now and then, as real uploads have
+    if rng.random() < 0.1:
+        image = image.filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 0.7)))
+    if rng.random() < 0.2:
+        buf = io.BytesIO()
+        image.save(buf, "JPEG", quality=rng.randrange(50, 95))
+        image = Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
+    return image, Labels(items, chars)
 
 
 def encode(image: Image.Image, rng: random.Random, style: Style) -> tuple[bytes, str]:

@@ -1,0 +1,96 @@
+"""Dense supervision for the vision tower while it trains: what is under each patch.
+
+A vision tower trained from random weights through the language loss alone stays blind for a long
+time: the answer's few tokens are a weak, late signal. Since the world is drawn by us, we know for
+every patch of the processed image which shape (if any) covers it, in which colour, and which
+printed character sits there. `PatchHeads` reads the tower's output patch by patch and is trained
+to say so, beside the language loss. It is a training aid only: it is not part of the saved
+checkpoint, which stays a plain Idefics3 model.
+
+Every image reaches the tower as a `size` x `size` square (the processor stretches it, no tiling),
+so a label map drawn at the image's own size maps onto the patch grid by a plain resize.
+"""
+
+from __future__ import annotations
+
+import string
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from training import world
+
+CHARS = string.ascii_uppercase + string.digits
+NONE = 0  # the class of a patch with no shape (or no character) on it
+HEADS = {"shape": 1 + len(world.SHAPES), "color": 1 + len(world.COLORS), "char": 1 + len(CHARS)}
+COVER = 0.2  # a patch belongs to a shape when the shape covers at least this much of it
+
+
+def targets(scene: world.Scene, labels: world.Labels, size: int, patch: int) -> torch.Tensor:
+    """(3, grid * grid) class indices: shape, colour and character under each patch."""
+    grid = size // patch
+    width, height = labels.items.size
+    items = np.asarray(labels.items.resize((size, size), Image.Resampling.NEAREST))
+    blocks = items.reshape(grid, patch, grid, patch).transpose(0, 2, 1, 3).reshape(grid * grid, -1)
+    shape = np.zeros(grid * grid, dtype=np.int64)
+    color = np.zeros(grid * grid, dtype=np.int64)
+    if scene.items:
+        cover = np.stack([(blocks == k + 1).mean(axis=1) for k in range(len(scene.items))])
+        best, share = cover.argmax(axis=0), cover.max(axis=0)
+        shapes = np.array([1 + world.SHAPES.index(i.shape) for i in scene.items])
+        colors = np.array([1 + list(world.COLORS).index(i.color) for i in scene.items])
+        shape = np.where(share >= COVER, shapes[best], NONE)
+        color = np.where(share >= COVER, colors[best], NONE)
+    char = np.zeros((grid, grid), dtype=np.int64)
+    fx, fy = grid / width, grid / height
+    centres = np.arange(grid) + 0.5
+    for glyph, (x0, y0, x1, y1) in labels.chars:
+        if glyph not in CHARS:
+            continue
+        value = 1 + CHARS.index(glyph)
+        cols = np.flatnonzero((centres >= x0 * fx) & (centres < x1 * fx))
+        rows = np.flatnonzero((centres >= y0 * fy) & (centres < y1 * fy))
+        # a glyph narrower (or shorter) than a patch still marks the patch its centre is in
+        if cols.size == 0:
+            cols = np.array([min(grid - 1, int((x0 + x1) / 2 * fx))])
+        if rows.size == 0:
+            rows = np.array([min(grid - 1, int((y0 + y1) / 2 * fy))])
+        char[np.ix_(rows, cols)] = value
+    return torch.from_numpy(np.stack([shape, color, char.reshape(-1)]))
+
+
+class PatchHeads(torch.nn.Module):
+    """Linear read-outs of the vision tower's patches; `attach` hooks them onto a model."""
+
+    def __init__(self, hidden: int) -> None:
+        super().__init__()
+        self.heads = torch.nn.ModuleDict(
+            {name: torch.nn.Linear(hidden, n) for name, n in HEADS.items()}
+        )
+        self.seen: torch.Tensor | None = None
+
+    def attach(self, model: Any) -> None:
+        """Keep the tower's last hidden state of each forward pass for `loss`."""
+
+        def keep(_module: Any, _args: Any, output: Any) -> None:
+            self.seen = output.last_hidden_state
+
+        model.model.vision_model.register_forward_hook(keep)
+
+    def loss(self, target: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy of the three read-outs; `target` is (images, 3, patches)."""
+        if self.seen is None:
+            raise RuntimeError("the vision tower has not run")
+        seen = self.seen.float()
+        if seen.shape[0] != target.shape[0]:
+            raise RuntimeError(f"{seen.shape[0]} images seen, {target.shape[0]} labelled")
+        total = seen.new_zeros(())
+        for k, head in enumerate(self.heads.values()):
+            logits = head(seen)
+            total = total + torch.nn.functional.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), target[:, k].reshape(-1)
+            )
+        self.seen = None
+        return total / len(self.heads)
