@@ -9,6 +9,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -40,6 +41,18 @@ def make_image(width: int, height: int, fmt: str = "PNG", color: str = "blue") -
 
 def png_uri(width: int = 32, height: int = 32, color: str = "blue") -> str:
     return data_uri(make_image(width, height, "PNG", color))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _private_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """No test touches the user's own oculo database: the default data folder is a temp one."""
+    saved = os.environ.get("OCULO_DATA_DIR")
+    os.environ["OCULO_DATA_DIR"] = str(tmp_path_factory.mktemp("oculo-data"))
+    yield
+    if saved is None:
+        os.environ.pop("OCULO_DATA_DIR", None)
+    else:
+        os.environ["OCULO_DATA_DIR"] = saved
 
 
 @pytest.fixture(scope="session")
@@ -80,7 +93,12 @@ def start_server(config: str, workdir: Path, extra_env: dict[str, str] | None = 
     cfg = workdir / "oculo.toml"
     cfg.write_text(config)
     log_path = workdir / "server.log"
-    env = {**os.environ, "OCULO_API_KEYS": API_KEY, **(extra_env or {})}
+    env = {
+        **os.environ,
+        "OCULO_API_KEYS": API_KEY,
+        "OCULO_DATA_DIR": str(workdir / "data"),
+        **(extra_env or {}),
+    }
     log_file = log_path.open("wb")
     process = subprocess.Popen(
         [sys.executable, "-m", "oculo.cli", "serve", "--config", str(cfg), "--port", str(port)],
@@ -176,7 +194,10 @@ def serve_in_process(engine: Any, model_id: str, **settings: Any) -> Iterator[st
     from oculo.registry import ModelRegistry
 
     spec = ModelSpec(id=model_id, path="-")
-    config = Settings(api_keys=[API_KEY], models=[spec], **settings)
+    if "database_url" not in settings:
+        settings.setdefault("data_dir", tempfile.mkdtemp(prefix="oculo-data-"))
+    settings.setdefault("api_keys", [API_KEY])
+    config = Settings(models=[spec], **settings)
     app = create_app(config, ModelRegistry([spec], factory=lambda _: engine))
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, port=port, log_level="warning"))
