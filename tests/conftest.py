@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import json
@@ -12,6 +13,7 @@ import sys
 import tempfile
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -182,6 +184,74 @@ def schemas() -> Any:
         assert not errors, f"{name}: {[e.message for e in errors[:3]]}"
 
     return check
+
+
+# PostgreSQL and Redis for the accounts tests: local runs may skip them, CI (CI=true) must not.
+POSTGRES_ADMIN_URL = os.environ.get(
+    "OCULO_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test"
+)
+REDIS_URL = os.environ.get("OCULO_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+def unavailable(what: str, exc: BaseException) -> None:
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"{what} must be running in CI (.ci/run starts it): {exc!r}")
+    pytest.skip(f"{what} is not reachable here: {exc!r}")
+
+
+def _postgres_admin(sql: str) -> None:
+    import asyncpg
+
+    async def run() -> None:
+        conn = await asyncpg.connect(POSTGRES_ADMIN_URL, timeout=5)
+        try:
+            await conn.execute(sql)
+        finally:
+            await conn.close()
+
+    asyncio.run(run())
+
+
+@contextmanager
+def postgres_database() -> Iterator[str]:
+    """A fresh, empty PostgreSQL database for one test, dropped afterwards; yields its URL."""
+    from sqlalchemy.engine import make_url
+
+    name = "oculo_test_" + uuid.uuid4().hex[:12]
+    try:
+        _postgres_admin(f'CREATE DATABASE "{name}"')
+    except Exception as exc:  # refused, no such role, ...: PostgreSQL is not there for us
+        unavailable("PostgreSQL", exc)
+    try:
+        yield make_url(POSTGRES_ADMIN_URL).set(database=name).render_as_string(False)
+    finally:
+        _postgres_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """Each accounts test runs on a fresh SQLite file and on a fresh PostgreSQL database."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'accounts.db'}"
+    else:
+        with postgres_database() as url:
+            yield url
+
+
+@pytest.fixture
+def redis_url() -> str:
+    import redis
+
+    try:
+        redis.Redis.from_url(REDIS_URL, socket_timeout=2).ping()
+    except Exception as exc:
+        unavailable("Redis", exc)
+    return REDIS_URL
+
+
+def run_async(work: Any) -> Any:
+    """Await `work` (a coroutine) from a synchronous test."""
+    return asyncio.run(work)
 
 
 @contextmanager
