@@ -249,6 +249,25 @@ def redis_url() -> str:
     return REDIS_URL
 
 
+def one_model(checkpoints: dict[str, Path], max_tokens: int = 8) -> str:
+    """A config that serves only the tiny Idefics3 checkpoint, as "tiny"."""
+    path = checkpoints["idefics3"]
+    return f'[[models]]\nid = "tiny"\npath = "{path}"\nmax_tokens = {max_tokens}\n'
+
+
+def oculo_cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """`oculo ARGS` in a subprocess with `env` added to the environment; must succeed."""
+    done = subprocess.run(
+        [sys.executable, "-m", "oculo.cli", *args],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    return done
+
+
 def run_async(work: Any) -> Any:
     """Await `work` (a coroutine) from a synchronous test."""
     return asyncio.run(work)
