@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import sys
 from collections.abc import Awaitable, Callable
 from datetime import UTC, date, datetime
 from pathlib import Path
@@ -32,7 +33,7 @@ app = typer.Typer(
 keys_app = typer.Typer(help="API keys: create, list, revoke.", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
 console = Console(stderr=True)
-out = Console(soft_wrap=True)
+out = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 160)
 
 ConfigOption = Annotated[
     Path | None,
@@ -229,8 +230,16 @@ def keys_list(config: ConfigOption = None, as_json: JsonOption = False) -> None:
     if as_json:
         print(json.dumps([_key_json(i) for i in infos], indent=2))
         return
-    table = Table("name", "models", "rpm", "tpm", "created", "expires", "state")
-    table.columns.insert(0, Column("id", no_wrap=True, min_width=12))
+    table = Table(
+        Column("id", no_wrap=True, min_width=12),
+        "name",
+        "models",
+        "rpm",
+        "tpm",
+        Column("created", no_wrap=True),
+        Column("expires", no_wrap=True),
+        "state",
+    )
     for i in infos:
         state = "revoked" if i.revoked_at else ("active" if i.active else "expired")
         table.add_row(

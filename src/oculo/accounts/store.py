@@ -93,5 +93,4 @@ async def open_store(database: str | None, data: str | None) -> AsyncEngine:
     except BaseException:
         await engine.dispose()
         raise
-    log.info("accounts database: %s", redacted(url))
     return engine
