@@ -259,6 +259,9 @@ def test_engine_failures_are_recorded(env: Env) -> None:
     [row] = env.sql(f"SELECT * FROM usage WHERE key_id = '{key_id}'")
     assert row["status"] == 500 and row["error_code"] == "internal_error"
     assert row["completion_tokens"] == 0
+    headers = {"Authorization": f"Bearer {key}"}
+    mine = httpx.get(env.base + "/v1/usage", headers=headers).json()
+    assert mine["data"] == [] and mine["total"]["requests"] == 0  # in the ledger, not billed
 
 
 def test_no_200_without_its_ledger_row(env: Env, schemas: Any) -> None:

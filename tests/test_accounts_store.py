@@ -129,6 +129,7 @@ async def test_ledger_rows_and_totals(engine: AsyncEngine) -> None:
     await ledger.record(record("r3", model="other", status=499, error_code="client_disconnected"))
     await ledger.record(record("r4", key_id="k2"))
     await ledger.record(record("r5", created_at=yesterday, image_positions=None))
+    await ledger.record(record("r6", status=500, error_code="engine_error"))  # kept, not billed
     with pytest.raises(StorageUnavailable):
         await ledger.record(record("r1"))  # a request is billed once
 
@@ -152,5 +153,7 @@ async def test_ledger_rows_and_totals(engine: AsyncEngine) -> None:
             .mappings()
             .one()
         )
+        count = (await conn.execute(text("SELECT count(*) FROM usage"))).scalar()
+    assert count == 6
     assert row["status"] == 499 and row["error_code"] == "client_disconnected"
     assert row["image_positions"] == 81 and row["stream"] in (False, 0)

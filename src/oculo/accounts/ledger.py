@@ -37,9 +37,12 @@ class UsageRecord:
     created_at: datetime
 
 
+BILLED = (200, 499)  # answered, or cut short by the client (billed for what was generated)
+
+
 @dataclass(frozen=True)
 class UsageTotal:
-    """One line of a usage view: a day, a key, a model."""
+    """One line of a usage view: a day, a key, a model; billed requests only (`BILLED`)."""
 
     day: str
     key_id: str
@@ -88,6 +91,7 @@ class Ledger:
                 func.coalesce(func.sum(usage.c.image_tokens), 0).label("image_tokens"),
                 func.coalesce(func.sum(usage.c.completion_tokens), 0).label("completion_tokens"),
             )
+            .where(usage.c.status.in_(BILLED))
             .group_by(usage.c.day, usage.c.key_id, usage.c.model)
             .order_by(usage.c.day, usage.c.key_id, usage.c.model)
         )
@@ -95,17 +99,22 @@ class Ledger:
             query = query.where(usage.c.key_id == key_id)
         if since is not None:
             query = query.where(usage.c.day >= since.isoformat())
-        async with self._engine.connect() as conn:
-            rows = await conn.execute(query)
-            return [
-                UsageTotal(
-                    day=row.day,
-                    key_id=row.key_id,
-                    model=row.model,
-                    requests=int(row.requests),
-                    text_tokens=int(row.text_tokens),
-                    image_tokens=int(row.image_tokens),
-                    completion_tokens=int(row.completion_tokens),
-                )
-                for row in rows
-            ]
+        try:
+            async with self._engine.connect() as conn:
+                rows = (await conn.execute(query)).all()
+        except (SQLAlchemyError, OSError) as exc:
+            raise StorageUnavailable(
+                f"The usage ledger is unavailable ({type(exc).__name__}).", retry_after=1
+            ) from None
+        return [
+            UsageTotal(
+                day=row.day,
+                key_id=row.key_id,
+                model=row.model,
+                requests=int(row.requests),
+                text_tokens=int(row.text_tokens),
+                image_tokens=int(row.image_tokens),
+                completion_tokens=int(row.completion_tokens),
+            )
+            for row in rows
+        ]

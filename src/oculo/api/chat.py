@@ -179,13 +179,14 @@ async def _settle(
     if run.settled:
         return
     run.settled = True
+    generated = run.first_delta_at is not None
     with anyio.CancelScope(shield=True):
-        _record(request, run, stream=stream)
-        usage = run.usage()
+        if generated:
+            _record(request, run, stream=stream)
+        # tokens per minute: the real count replaces the estimate; nothing if nothing was made
+        used = run.usage().total_tokens if generated else 0
         try:
-            await ratelimit.settle_tokens(
-                request, run.account, usage.total_tokens - run.admitted_tokens
-            )
+            await ratelimit.settle_tokens(request, run.account, used - run.admitted_tokens)
         except OculoError:
             log.warning("%s: rate-limit store unavailable; tokens not settled", run.id)
         ledger: Ledger = request.app.state.ledger
