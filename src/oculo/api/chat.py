@@ -248,7 +248,7 @@ async def chat_completions(
         images = await _decode(request, run)
     except BaseException:
         ticket.release()  # refused before the engine (an image that does not decode)
-        with anyio.CancelScope(shield=True):
+        with anyio.CancelScope(shield=True), suppress(OculoError):
             await ratelimit.settle_tokens(request, account, -run.admitted_tokens)
         raise
     try:
