@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -16,9 +18,11 @@ KEY = "sk-bench"
 
 @contextmanager
 def live_server(*serve_args: str) -> Iterator[str]:
-    """Start `oculo serve SERVE_ARGS` with the key `KEY`; yield its base URL once it is ready."""
+    """Start `oculo serve SERVE_ARGS` with the key `KEY`; yield its base URL once it is ready.
+    Its accounts database (the usage ledger) is a throwaway one, not the user's."""
     port = 18000 + os.getpid() % 1000
-    env = {**os.environ, "OCULO_API_KEYS": KEY}
+    data = tempfile.mkdtemp(prefix="oculo-bench-")
+    env = {**os.environ, "OCULO_API_KEYS": KEY, "OCULO_DATA_DIR": data}
     cmd = [sys.executable, "-m", "oculo.cli", "serve", *serve_args, "--port", str(port),
            "--log-level", "warning"]  # fmt: skip
     server = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -38,3 +42,4 @@ def live_server(*serve_args: str) -> Iterator[str]:
     finally:
         server.terminate()
         server.wait()
+        shutil.rmtree(data, ignore_errors=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import json
@@ -9,8 +10,10 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -40,6 +43,18 @@ def make_image(width: int, height: int, fmt: str = "PNG", color: str = "blue") -
 
 def png_uri(width: int = 32, height: int = 32, color: str = "blue") -> str:
     return data_uri(make_image(width, height, "PNG", color))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _private_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """No test touches the user's own oculo database: the default data folder is a temp one."""
+    saved = os.environ.get("OCULO_DATA_DIR")
+    os.environ["OCULO_DATA_DIR"] = str(tmp_path_factory.mktemp("oculo-data"))
+    yield
+    if saved is None:
+        os.environ.pop("OCULO_DATA_DIR", None)
+    else:
+        os.environ["OCULO_DATA_DIR"] = saved
 
 
 @pytest.fixture(scope="session")
@@ -80,7 +95,12 @@ def start_server(config: str, workdir: Path, extra_env: dict[str, str] | None = 
     cfg = workdir / "oculo.toml"
     cfg.write_text(config)
     log_path = workdir / "server.log"
-    env = {**os.environ, "OCULO_API_KEYS": API_KEY, **(extra_env or {})}
+    env = {
+        **os.environ,
+        "OCULO_API_KEYS": API_KEY,
+        "OCULO_DATA_DIR": str(workdir / "data"),
+        **(extra_env or {}),
+    }
     log_file = log_path.open("wb")
     process = subprocess.Popen(
         [sys.executable, "-m", "oculo.cli", "serve", "--config", str(cfg), "--port", str(port)],
@@ -166,6 +186,93 @@ def schemas() -> Any:
     return check
 
 
+# PostgreSQL and Redis for the accounts tests: local runs may skip them, CI (CI=true) must not.
+POSTGRES_ADMIN_URL = os.environ.get(
+    "OCULO_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test"
+)
+REDIS_URL = os.environ.get("OCULO_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+def unavailable(what: str, exc: BaseException) -> None:
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"{what} must be running in CI (.ci/run starts it): {exc!r}")
+    pytest.skip(f"{what} is not reachable here: {exc!r}")
+
+
+def _postgres_admin(sql: str) -> None:
+    import asyncpg
+
+    async def run() -> None:
+        conn = await asyncpg.connect(POSTGRES_ADMIN_URL, timeout=5)
+        try:
+            await conn.execute(sql)
+        finally:
+            await conn.close()
+
+    asyncio.run(run())
+
+
+@contextmanager
+def postgres_database() -> Iterator[str]:
+    """A fresh, empty PostgreSQL database for one test, dropped afterwards; yields its URL."""
+    from sqlalchemy.engine import make_url
+
+    name = "oculo_test_" + uuid.uuid4().hex[:12]
+    try:
+        _postgres_admin(f'CREATE DATABASE "{name}"')
+    except Exception as exc:  # refused, no such role, ...: PostgreSQL is not there for us
+        unavailable("PostgreSQL", exc)
+    try:
+        yield make_url(POSTGRES_ADMIN_URL).set(database=name).render_as_string(False)
+    finally:
+        _postgres_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """Each accounts test runs on a fresh SQLite file and on a fresh PostgreSQL database."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'accounts.db'}"
+    else:
+        with postgres_database() as url:
+            yield url
+
+
+@pytest.fixture
+def redis_url() -> str:
+    import redis
+
+    try:
+        redis.Redis.from_url(REDIS_URL, socket_timeout=2).ping()
+    except Exception as exc:
+        unavailable("Redis", exc)
+    return REDIS_URL
+
+
+def one_model(checkpoints: dict[str, Path], max_tokens: int = 8) -> str:
+    """A config that serves only the tiny Idefics3 checkpoint, as "tiny"."""
+    path = checkpoints["idefics3"]
+    return f'[[models]]\nid = "tiny"\npath = "{path}"\nmax_tokens = {max_tokens}\n'
+
+
+def oculo_cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """`oculo ARGS` in a subprocess with `env` added to the environment; must succeed."""
+    done = subprocess.run(
+        [sys.executable, "-m", "oculo.cli", *args],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    return done
+
+
+def run_async(work: Any) -> Any:
+    """Await `work` (a coroutine) from a synchronous test."""
+    return asyncio.run(work)
+
+
 @contextmanager
 def serve_in_process(engine: Any, model_id: str, **settings: Any) -> Iterator[str]:
     """An oculo app around `engine` under uvicorn in a thread; yields its base URL."""
@@ -176,7 +283,10 @@ def serve_in_process(engine: Any, model_id: str, **settings: Any) -> Iterator[st
     from oculo.registry import ModelRegistry
 
     spec = ModelSpec(id=model_id, path="-")
-    config = Settings(api_keys=[API_KEY], models=[spec], **settings)
+    if "database_url" not in settings:
+        settings.setdefault("data_dir", tempfile.mkdtemp(prefix="oculo-data-"))
+    settings.setdefault("api_keys", [API_KEY])
+    config = Settings(models=[spec], **settings)
     app = create_app(config, ModelRegistry([spec], factory=lambda _: engine))
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, port=port, log_level="warning"))

@@ -18,6 +18,7 @@ def test_serve_one_folder_with_a_generated_key(
 ) -> None:
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "OCULO_API_KEYS"}
+    env["OCULO_DATA_DIR"] = str(tmp_path / "data")
     log = tmp_path / "serve.log"
     with log.open("wb") as out:
         proc = subprocess.Popen(

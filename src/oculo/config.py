@@ -8,7 +8,10 @@ A config file looks like::
     max_images = 2                # images per request
     max_pixels = 40_000_000       # per image, checked from the header before decoding
     max_concurrent_requests = 64  # in flight (running + queued); past it: 503 overloaded
-    api_keys = ["sk-..."]         # or OCULO_API_KEYS=key1,key2
+    api_keys = ["sk-..."]         # or OCULO_API_KEYS=key1,key2 (static keys, no limits)
+    data_dir = "/var/lib/oculo"   # the SQLite database's folder (default: a per-user data folder)
+    # database_url = "postgresql://oculo@db/oculo"  # instead of SQLite: several oculo processes
+    # redis_url = "redis://cache:6379/0"            # rate limits shared by several processes
 
     [[models]]                    # the catalog: one table per public model id
     id = "smolvlm"
@@ -61,6 +64,9 @@ class Settings(BaseModel):
     max_images: int = Field(default=2, ge=0)
     max_pixels: int = Field(default=40_000_000, ge=1)
     max_concurrent_requests: int = Field(default=64, ge=1)
+    data_dir: str | None = None
+    database_url: str | None = None
+    redis_url: str | None = None
     models: list[ModelSpec] = Field(default_factory=list)
 
     @model_validator(mode="after")
@@ -79,6 +85,9 @@ _ENV_FIELDS: dict[str, str] = {
     "OCULO_MAX_IMAGES": "max_images",
     "OCULO_MAX_PIXELS": "max_pixels",
     "OCULO_MAX_CONCURRENT_REQUESTS": "max_concurrent_requests",
+    "OCULO_DATA_DIR": "data_dir",
+    "OCULO_DATABASE_URL": "database_url",
+    "OCULO_REDIS_URL": "redis_url",
 }
 
 

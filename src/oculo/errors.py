@@ -21,6 +21,7 @@ The tree::
      +-- Overloaded                 503 server_error           overloaded           (Retry-After)
      +-- EngineUnavailable          503 server_error           engine_unavailable   (Retry-After)
      +-- EngineError                500 server_error           engine_error
+     +-- StorageUnavailable         503 server_error           storage_unavailable  (Retry-After)
 
 Nothing else in oculo names a status code: routers and middleware raise these, and
 `oculo.api.responses.error_response` turns them into responses.
@@ -158,6 +159,14 @@ class EngineError(OculoError):
     status = 500
     type = "server_error"
     code = "engine_error"
+
+
+class StorageUnavailable(OculoError):
+    """The accounts database or the rate-limit store did not answer: nothing is served unbilled."""
+
+    status = 503
+    type = "server_error"
+    code = "storage_unavailable"
 
 
 def from_exception(exc: BaseException) -> OculoError:

@@ -13,10 +13,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
 from oculo import __version__
-from oculo.api import chat, health, metrics, models
-from oculo.api.auth import KeyRing
+from oculo.accounts.keys import KeyRing, KeyStore
+from oculo.accounts.ledger import Ledger
+from oculo.accounts.limits import open_limiter
+from oculo.accounts.store import database_url, migrate, open_engine, redacted
+from oculo.api import chat, health, metrics, models, usage
 from oculo.api.bodyguard import BodyGuard
 from oculo.api.metrics import Metrics, MetricsMiddleware
+from oculo.api.ratelimit import RateLimitHeaders
 from oculo.api.responses import error_response
 from oculo.config import Settings
 from oculo.errors import InvalidRequest, MethodNotAllowed, NotFound, OculoError, from_exception
@@ -60,15 +64,22 @@ async def _unexpected(request: Request, exc: Exception) -> Response:
 
 def create_app(settings: Settings, registry: ModelRegistry | None = None) -> FastAPI:
     registry = registry if registry is not None else ModelRegistry(settings.models)
+    url = database_url(settings.database_url, settings.data_dir)
+    database = open_engine(url)
+    limiter = open_limiter(settings.redis_url)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await migrate(database)
+        log.info("accounts database %s; rate limits %s", redacted(url), type(limiter).__name__)
         loading = asyncio.create_task(registry.load_all())
         try:
             yield
         finally:
             loading.cancel()
             await registry.close()
+            await limiter.close()
+            await database.dispose()
 
     app = FastAPI(
         title="oculo",
@@ -81,6 +92,9 @@ def create_app(settings: Settings, registry: ModelRegistry | None = None) -> Fas
     app.state.settings = settings
     app.state.registry = registry
     app.state.keyring = KeyRing(settings.api_keys)
+    app.state.keys = KeyStore(database)
+    app.state.ledger = Ledger(database)
+    app.state.limiter = limiter
     app.state.admission = admission = Admission(settings.max_concurrent_requests)
     app.state.metrics = Metrics(in_flight=lambda: admission.in_flight)
     app.state.limits = Limits(max_images=settings.max_images, max_pixels=settings.max_pixels)
@@ -90,10 +104,11 @@ def create_app(settings: Settings, registry: ModelRegistry | None = None) -> Fas
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(Exception, _unexpected)
 
-    routers = (chat.router, models.router, health.router, metrics.router)
+    routers = (chat.router, models.router, usage.router, health.router, metrics.router)
     for router in routers:
         app.include_router(router)
     app.add_middleware(BodyGuard, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(RateLimitHeaders)
     paths = frozenset(getattr(route, "path", "") for router in routers for route in router.routes)
     # outermost, so that it also counts the body guard's 413s
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics, paths=paths)

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Request
 
-from oculo.api.auth import Caller, authenticate
+from oculo.accounts.keys import Account
+from oculo.api.auth import authenticate
 from oculo.api.responses import JSONResponse
 from oculo.config import ModelSpec
+from oculo.errors import PermissionDenied
 from oculo.media import MAX_IMAGE_TOKENS, TILE, TOKENS_PER_TILE
 from oculo.policy import Limits
 from oculo.protocol import ModelCard, ModelList
@@ -46,14 +48,16 @@ def _card(request: Request, spec: ModelSpec) -> ModelCard:
 
 
 @router.get("/v1/models")
-async def list_models(request: Request, caller: Caller = Depends(authenticate)) -> JSONResponse:
-    specs = request.app.state.registry.specs
+async def list_models(request: Request, account: Account = Depends(authenticate)) -> JSONResponse:
+    specs = [spec for spec in request.app.state.registry.specs if account.may_use(spec.id)]
     return JSONResponse(ModelList(data=[_card(request, spec) for spec in specs]))
 
 
 @router.get("/v1/models/{model_id:path}")
 async def get_model(
-    model_id: str, request: Request, caller: Caller = Depends(authenticate)
+    model_id: str, request: Request, account: Account = Depends(authenticate)
 ) -> JSONResponse:
     spec = request.app.state.registry.spec(model_id)
+    if not account.may_use(spec.id):
+        raise PermissionDenied(f"This API key may not use the model '{spec.id}'.", param="model")
     return JSONResponse(_card(request, spec))

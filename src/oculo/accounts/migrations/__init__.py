@@ -1,0 +1,1 @@
+"""Alembic migrations for the accounts tables, applied by `oculo.accounts.store.migrate`."""

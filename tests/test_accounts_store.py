@@ -1,0 +1,159 @@
+"""The accounts store on SQLite and PostgreSQL: migrations, keys, the ledger and its totals."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from oculo.accounts.keys import PREFIX, KeyRing, KeyStore, key_id_of, new_key
+from oculo.accounts.ledger import Ledger, UsageRecord
+from oculo.accounts.store import database_url as resolve_url
+from oculo.accounts.store import migrate, open_store
+from oculo.errors import StorageUnavailable
+
+
+@pytest.fixture
+async def engine(database_url: str) -> AsyncIterator[AsyncEngine]:
+    engine = await open_store(database_url, None)
+    yield engine
+    await engine.dispose()
+
+
+async def dump(engine: AsyncEngine) -> str:
+    """Every value in every accounts table, as text: where a leaked key would show."""
+    parts: list[str] = []
+    async with engine.connect() as conn:
+        for table in ("api_keys", "usage", "alembic_version"):
+            rows = await conn.execute(text(f"SELECT * FROM {table}"))
+            parts += [repr(tuple(row)) for row in rows]
+    return "\n".join(parts)
+
+
+def test_key_format_and_parsing() -> None:
+    key_id, key = new_key()
+    assert key.startswith(PREFIX + key_id + "_") and len(key) == len(PREFIX) + 12 + 1 + 43
+    assert key_id_of(key) == key_id
+    for bad in ("sk-oculo-", "sk-other-0123456789ab_x", PREFIX + "0123456789ab", PREFIX + "x" * 20):
+        assert key_id_of(bad) is None
+    assert new_key() != new_key()
+
+
+def test_database_urls(tmp_path: object) -> None:
+    assert resolve_url("postgresql://u:p@h/db", None) == "postgresql+asyncpg://u:p@h/db"
+    assert resolve_url("postgres://h/db", None) == "postgresql+asyncpg://h/db"
+    assert resolve_url("sqlite:////x/y.db", None) == "sqlite+aiosqlite:////x/y.db"
+    assert resolve_url(None, str(tmp_path)).endswith("/oculo.db")
+
+
+async def test_migrations_are_idempotent(engine: AsyncEngine) -> None:
+    await migrate(engine)  # second run: nothing to do
+    async with engine.connect() as conn:
+        version = (await conn.execute(text("SELECT version_num FROM alembic_version"))).scalar()
+    assert version == "0001"
+
+
+async def test_keys_create_verify_revoke_expire(engine: AsyncEngine) -> None:
+    store = KeyStore(engine)
+    assert await store.count() == 0
+    key, info = await store.create("alice", models=["m1"], rpm=2, tpm=100)
+    account = await store.verify(key)
+    assert account is not None
+    assert (account.id, account.name, account.models, account.rpm, account.tpm) == (
+        info.id,
+        "alice",
+        ("m1",),
+        2,
+        100,
+    )
+    assert account.may_use("m1") and not account.may_use("m2")
+    assert await store.verify(key[:-1] + ("A" if key[-1] != "A" else "B")) is None  # wrong secret
+    assert await store.verify(PREFIX + "0" * 12 + "_" + key.split("_", 1)[1]) is None  # no such id
+    assert await store.verify("sk-test-whatever") is None
+
+    soon, _ = await store.create("bob", expires_at=datetime.now(UTC) - timedelta(seconds=1))
+    assert await store.verify(soon) is None  # expired
+    later, _ = await store.create("carol", expires_at=datetime.now(UTC) + timedelta(days=1))
+    assert (await store.verify(later)) is not None
+
+    listed = {i.name: i for i in await store.list()}
+    assert set(listed) == {"alice", "bob", "carol"}
+    assert listed["alice"].active and not listed["bob"].active
+    assert await store.revoke(info.id) is True
+    assert await store.verify(key) is None
+    assert await store.revoke(info.id) is True  # already revoked: still fine
+    assert await store.revoke("nonexistent") is False
+    assert not {i.id: i for i in await store.list()}[info.id].active
+    assert await store.count() == 3
+
+    stored = await dump(engine)
+    for secret in (key, soon, later):
+        assert secret not in stored and secret.split("_", 1)[1] not in stored
+
+
+def test_configured_keys_ring() -> None:
+    ring = KeyRing(["sk-a", "sk-b"])
+    assert len(ring) == 2
+    a = ring.verify("sk-a")
+    assert a is not None and a.models is None and a.rpm is None
+    assert ring.verify("sk-c") is None
+
+
+def record(request_id: str, key_id: str = "k1", model: str = "m", **kw: object) -> UsageRecord:
+    values: dict[str, object] = {
+        "request_id": request_id,
+        "key_id": key_id,
+        "model": model,
+        "text_tokens": 10,
+        "image_tokens": 1601,
+        "image_positions": 81,
+        "completion_tokens": 5,
+        "status": 200,
+        "error_code": None,
+        "latency_ms": 12.5,
+        "stream": False,
+        "created_at": datetime.now(UTC),
+    }
+    values.update(kw)
+    return UsageRecord(**values)  # type: ignore[arg-type]
+
+
+async def test_ledger_rows_and_totals(engine: AsyncEngine) -> None:
+    ledger = Ledger(engine)
+    yesterday = datetime.now(UTC) - timedelta(days=1)
+    await ledger.record(record("r1"))
+    await ledger.record(record("r2", stream=True, completion_tokens=7))
+    await ledger.record(record("r3", model="other", status=499, error_code="client_disconnected"))
+    await ledger.record(record("r4", key_id="k2"))
+    await ledger.record(record("r5", created_at=yesterday, image_positions=None))
+    await ledger.record(record("r6", status=500, error_code="engine_error"))  # kept, not billed
+    with pytest.raises(StorageUnavailable):
+        await ledger.record(record("r1"))  # a request is billed once
+
+    totals = await ledger.totals(key_id="k1")
+    today = datetime.now(UTC).date().isoformat()
+    assert [(t.day, t.model, t.requests) for t in totals] == [
+        (yesterday.date().isoformat(), "m", 1),
+        (today, "m", 2),
+        (today, "other", 1),
+    ]
+    today_m = totals[1]
+    assert today_m.text_tokens == 20 and today_m.image_tokens == 3202
+    assert today_m.completion_tokens == 12 and today_m.prompt_tokens == 3222
+    assert today_m.total_tokens == 3234
+    since_today = await ledger.totals(since=datetime.now(UTC).date())
+    assert sum(t.requests for t in since_today) == 4
+    assert {t.key_id for t in since_today} == {"k1", "k2"}
+    async with engine.connect() as conn:
+        row = (
+            (await conn.execute(text("SELECT * FROM usage WHERE request_id = 'r3'")))
+            .mappings()
+            .one()
+        )
+        count = (await conn.execute(text("SELECT count(*) FROM usage"))).scalar()
+    assert count == 6
+    assert row["status"] == 499 and row["error_code"] == "client_disconnected"
+    assert row["image_positions"] == 81 and row["stream"] in (False, 0)
