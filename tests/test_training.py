@@ -99,11 +99,12 @@ def test_a_trained_folder_loads_like_any_checkpoint(
     torch.manual_seed(0)
     model = AutoModelForImageTextToText.from_config(config)
     batch = collate([make_example(random.Random(2), kind="pair")], processor)
-    target = batch.pop("patch_targets")
+    target, _ = batch.pop("patch_targets"), batch.pop("token_targets")
     heads = patches.PatchHeads(32)
-    heads.attach(model)
+    heads.attach(model.model.vision_model)
     loss = model(**batch).loss
     seen = heads.loss(target[:, :, :16])  # this tiny tower sees 4 x 4 patches
+    assert set(heads.accuracy) <= set(patches.HEADS)
     (loss + seen).backward()  # one step of the real training objective runs
     assert model.model.vision_model.embeddings.patch_embedding.weight.grad.abs().sum() > 0
     model.save_pretrained(tmp_path)

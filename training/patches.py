@@ -62,35 +62,46 @@ def targets(scene: world.Scene, labels: world.Labels, size: int, patch: int) -> 
 
 
 class PatchHeads(torch.nn.Module):
-    """Linear read-outs of the vision tower's patches; `attach` hooks them onto a model."""
+    """Linear read-outs of one module's per-patch outputs; `attach` hooks them onto it.
 
-    def __init__(self, hidden: int) -> None:
+    On the vision tower they read each patch; on the connector (after Idefics3's pixel shuffle)
+    each image token, as the text model sees it: the second keeps shape and colour linearly
+    readable where the language model looks for them.
+    """
+
+    def __init__(self, hidden: int, names: tuple[str, ...] = tuple(HEADS)) -> None:
         super().__init__()
-        self.heads = torch.nn.ModuleDict(
-            {name: torch.nn.Linear(hidden, n) for name, n in HEADS.items()}
-        )
+        self.names = names
+        self.heads = torch.nn.ModuleDict({n: torch.nn.Linear(hidden, HEADS[n]) for n in names})
         self.seen: torch.Tensor | None = None
+        self.accuracy: dict[str, float] = {}
 
-    def attach(self, model: Any) -> None:
-        """Keep the tower's last hidden state of each forward pass for `loss`."""
+    def attach(self, module: torch.nn.Module) -> None:
+        """Keep `module`'s output (its last hidden state, or the tensor itself) for `loss`."""
 
         def keep(_module: Any, _args: Any, output: Any) -> None:
-            self.seen = output.last_hidden_state
+            self.seen = getattr(output, "last_hidden_state", output)
 
-        model.model.vision_model.register_forward_hook(keep)
+        module.register_forward_hook(keep)
 
     def loss(self, target: torch.Tensor) -> torch.Tensor:
-        """Mean cross-entropy of the three read-outs; `target` is (images, 3, patches)."""
+        """Mean cross-entropy of the read-outs; `target` is (images, 3, patches), in HEADS order.
+
+        Also keeps each read-out's accuracy on the patches that are not background, for the log.
+        """
         if self.seen is None:
-            raise RuntimeError("the vision tower has not run")
+            raise RuntimeError("the hooked module has not run")
         seen = self.seen.float()
         if seen.shape[0] != target.shape[0]:
             raise RuntimeError(f"{seen.shape[0]} images seen, {target.shape[0]} labelled")
         total = seen.new_zeros(())
-        for k, head in enumerate(self.heads.values()):
-            logits = head(seen)
-            total = total + torch.nn.functional.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]), target[:, k].reshape(-1)
-            )
+        for name, head in self.heads.items():
+            logits = head(seen).reshape(-1, HEADS[name])
+            wanted = target[:, list(HEADS).index(name)].reshape(-1)
+            total = total + torch.nn.functional.cross_entropy(logits, wanted)
+            marked = wanted != NONE
+            if marked.any():
+                hits = logits.argmax(-1)[marked] == wanted[marked]
+                self.accuracy[name] = hits.float().mean().item()
         self.seen = None
         return total / len(self.heads)

@@ -110,12 +110,13 @@ def collate(examples: list[Example], processor: Any) -> dict[str, torch.Tensor]:
         labels[i, length - len(answer) : length] = tail
     batch["labels"] = labels
     out = dict(batch)
+    drawn = [pair for ex in examples for pair in zip(ex.scenes, ex.labels, strict=True)]
+    token = SIZE.patch_size * SIZE.scale_factor  # an image token covers scale x scale patches
     out["patch_targets"] = torch.stack(
-        [
-            patches.targets(scene, label, SIZE.image_size, SIZE.patch_size)
-            for ex in examples
-            for scene, label in zip(ex.scenes, ex.labels, strict=True)
-        ]
+        [patches.targets(scene, label, SIZE.image_size, SIZE.patch_size) for scene, label in drawn]
+    )
+    out["token_targets"] = torch.stack(
+        [patches.targets(scene, label, SIZE.image_size, token) for scene, label in drawn]
     )
     return out
 
@@ -206,8 +207,9 @@ examples, none repeated), AdamW (peak lr {args.lr}, warm-up {args.warmup}, cosin
 {"bf16 autocast" if args.bf16 else "float32"}, {minutes:.0f} minutes on {args.threads} CPU threads;
 final training loss {loss:.4f}. Beside the language loss on the answer, the vision tower is
 supervised patch by patch (weight {args.patch_weight}): linear read-outs of its output learn which
-shape, colour and printed character lies under each patch (`training/patches.py`). The read-outs
-are a training aid and are not saved: the checkpoint is a plain Idefics3 model.
+shape, colour and printed character lies under each patch, and read-outs of the connector's image
+tokens which shape and colour each token covers (`training/patches.py`). The read-outs are a
+training aid and are not saved: the checkpoint is a plain Idefics3 model.
 """
 
 
@@ -258,9 +260,12 @@ def main() -> None:
         persistent_workers=False,
     )
     heads = patches.PatchHeads(SIZE.vision_hidden)
-    heads.attach(model)
+    heads.attach(model.model.vision_model)
+    token_heads = patches.PatchHeads(SIZE.hidden, ("shape", "color"))
+    token_heads.attach(model.model.connector)
+    aids = [*heads.parameters(), *token_heads.parameters()]
     optimizer = torch.optim.AdamW(
-        [*model.parameters(), *heads.parameters()], lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98)
+        [*model.parameters(), *aids], lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98)
     )
     model.train()
     started = time.perf_counter()
@@ -270,13 +275,13 @@ def main() -> None:
     for step, batch in enumerate(loader):
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, steps, args.lr, args.warmup)
-        target = batch.pop("patch_targets")
+        target, token_target = batch.pop("patch_targets"), batch.pop("token_targets")
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
             loss = model(**batch).loss
-            seen = heads.loss(target)
+            seen = (heads.loss(target) + token_heads.loss(token_target)) / 2
         optimizer.zero_grad(set_to_none=True)
         (loss + args.patch_weight * seen).backward()
-        torch.nn.utils.clip_grad_norm_([*model.parameters(), *heads.parameters()], 1.0)
+        torch.nn.utils.clip_grad_norm_([*model.parameters(), *aids], 1.0)
         optimizer.step()
         window.append(loss.item())
         patch_window.append(seen.item())
@@ -289,8 +294,13 @@ def main() -> None:
             log.append(
                 {"step": step + 1, "loss": mean, "patch_loss": patch_mean, "minutes": elapsed / 60}
             )
+            read = " ".join(
+                f"{where}.{k} {v:.2f}"
+                for where, h in (("patch", heads), ("token", token_heads))
+                for k, v in h.accuracy.items()
+            )
             print(
-                f"step {step + 1}/{steps} loss {mean:.4f} patches {patch_mean:.4f} "
+                f"step {step + 1}/{steps} loss {mean:.4f} patches {patch_mean:.4f} ({read}) "
                 f"{(step + 1) / elapsed:.2f} steps/s {elapsed / 60:.1f} min",
                 flush=True,
             )
