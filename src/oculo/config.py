@@ -52,6 +52,9 @@ class ModelSpec(BaseModel):
     device: str = "cpu"
     description: str = ""
     owned_by: str = "oculo"
+    # sampling for requests that leave it out (unset: OpenAI's default, 1.0)
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, gt=0, le=1)
 
 
 class Settings(BaseModel):

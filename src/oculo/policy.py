@@ -73,15 +73,24 @@ def _count_images(request: ChatCompletionRequest) -> int:
     )
 
 
-def _sampling(request: ChatCompletionRequest) -> SamplingParams:
+@dataclass(frozen=True)
+class SamplingDefaults:
+    """What a request that leaves `temperature` / `top_p` out gets: OpenAI's 1.0, unless the
+    model's catalog entry says otherwise (as a Modelfile's PARAMETER does for Ollama)."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+
+
+def _sampling(request: ChatCompletionRequest, defaults: SamplingDefaults) -> SamplingParams:
     stop = request.stop
     stops: tuple[str, ...] = (stop,) if isinstance(stop, str) else tuple(stop or ())
     if any(s == "" for s in stops):
         raise InvalidRequest("Stop sequences must not be empty.", param="stop")
     return SamplingParams(
         max_tokens=request.max_completion_tokens or request.max_tokens,
-        temperature=1.0 if request.temperature is None else request.temperature,
-        top_p=1.0 if request.top_p is None else request.top_p,
+        temperature=defaults.temperature if request.temperature is None else request.temperature,
+        top_p=defaults.top_p if request.top_p is None else request.top_p,
         stop=stops,
         seed=request.seed,
         presence_penalty=request.presence_penalty or 0.0,
@@ -89,7 +98,9 @@ def _sampling(request: ChatCompletionRequest) -> SamplingParams:
     )
 
 
-def build_prompt(request: ChatCompletionRequest, limits: Limits) -> Prompt:
+def build_prompt(
+    request: ChatCompletionRequest, limits: Limits, defaults: SamplingDefaults = SamplingDefaults()
+) -> Prompt:
     """Check the request against the API's limits and turn it into a Prompt."""
     _check_parameters(request)
     count = _count_images(request)
@@ -137,7 +148,7 @@ def build_prompt(request: ChatCompletionRequest, limits: Limits) -> Prompt:
         model=request.model,
         messages=tuple(messages),
         images=tuple(images),
-        sampling=_sampling(request),
+        sampling=_sampling(request, defaults),
         stream=request.stream,
         include_usage=request.wants_usage_chunk,
     )

@@ -34,9 +34,10 @@ from oculo.accounts.ledger import Ledger, UsageRecord
 from oculo.api import ratelimit, sse
 from oculo.api.metrics import Metrics
 from oculo.api.responses import JSONResponse
+from oculo.config import ModelSpec
 from oculo.engines.base import Delta, Engine, GenerationRequest
 from oculo.errors import EngineError, OculoError, PermissionDenied, from_exception
-from oculo.policy import Limits, Prompt, build_prompt, decode_images
+from oculo.policy import Limits, Prompt, SamplingDefaults, build_prompt, decode_images
 from oculo.protocol import (
     AssistantMessage,
     ChatCompletion,
@@ -107,6 +108,13 @@ class Run:
         )
 
 
+def _defaults(spec: ModelSpec) -> SamplingDefaults:
+    return SamplingDefaults(
+        temperature=1.0 if spec.temperature is None else spec.temperature,
+        top_p=1.0 if spec.top_p is None else spec.top_p,
+    )
+
+
 async def _prepare(request: Request, account: Account) -> tuple[Run, Engine]:
     """Everything before the engine: parse, permission, policy, token estimate, admission."""
     started = time.perf_counter()
@@ -116,7 +124,7 @@ async def _prepare(request: Request, account: Account) -> tuple[Run, Engine]:
         raise PermissionDenied(f"This API key may not use the model '{chat.model}'.", param="model")
     app_state = request.app.state
     engine = app_state.registry.get(chat.model)
-    prompt = build_prompt(chat, app_state.limits)
+    prompt = build_prompt(chat, app_state.limits, _defaults(app_state.registry.spec(chat.model)))
     run = Run(
         prompt=prompt,
         text_tokens=engine.count_text_tokens(prompt.messages),

@@ -5,6 +5,7 @@
   leaves.
 - **Streaming.** `DeltaStreamer` decodes the generated tokens incrementally (a window of recent
   tokens, never splitting a multi-byte character) and sends the text as it comes.
+- **Leading white space** is dropped: an answer starts with its first visible character.
 - **Stop strings** are matched on the decoded text: the answer ends before the first stop string,
   text that might be the start of one is held back until it is known not to be.
 - **Stopping.** `Halt` is checked after every token and stops generation once the consumer has left
@@ -83,7 +84,7 @@ class DeltaStreamer(BaseStreamer):  # type: ignore[misc]
             return
         for token in value.reshape(-1).tolist():
             self.ids.append(int(token))
-            self._text += self._decode_step(final=False)
+            self._text += self._answer_text(self._decode_step(final=False))
             self._flush(final=False)
             if self.stop_hit:
                 return
@@ -94,9 +95,14 @@ class DeltaStreamer(BaseStreamer):  # type: ignore[misc]
     def finish(self) -> str:
         """The text still held back (it did not become a stop string); call once, at the end."""
         if not self.stop_hit:
-            self._text += self._decode_step(final=True)
+            self._text += self._answer_text(self._decode_step(final=True))
             self._flush(final=True)
         return self._pending
+
+    def _answer_text(self, piece: str) -> str:
+        """The answer does not start with white space: chat templates that end the prompt with
+        "Assistant:" (SmolVLM's, Idefics3's) leave the model to emit the space after the colon."""
+        return piece if self._text else piece.lstrip()
 
     def _decode(self, ids: list[int]) -> str:
         text = self._tokenizer.decode(

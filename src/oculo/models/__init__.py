@@ -30,4 +30,6 @@ def default_model_spec() -> ModelSpec:
         context_length=512,
         max_tokens=128,
         description=DESCRIPTION,
+        # A model this small answers best greedily; a request's own temperature still applies.
+        temperature=0.0,
     )
