@@ -10,7 +10,7 @@ import pytest
 
 from oculo.testing.checkpoints import Size, build_tokenizer, idefics3_parts
 from training import patches, world
-from training.data import make_example
+from training.data import MULTI_TURNS, make_chat, make_example
 from training.train import EOS, ISOLATE, collate, tokenizer_corpus
 
 
@@ -89,6 +89,30 @@ def test_collate_puts_the_loss_on_the_answer_only(small_parts: tuple[object, obj
         assert tok.decode(labelled) == " " + example.answer + EOS
 
 
+def test_a_training_chat_asks_several_questions_and_learns_every_answer(
+    small_parts: tuple[object, object],
+) -> None:
+    _, processor = small_parts
+    rng = random.Random(3)
+    chats = [make_chat(rng, "color") for _ in range(12)]
+    several = [c for c in chats if c.more]
+    assert several and len(several) < len(chats)  # some chats ask one question, some several
+    for chat in several:
+        assert 2 <= len(chat.turns()) <= MULTI_TURNS
+        # a description names everything: it may only come last
+        described = [a for _, a in chat.turns()[:-1] if a == world.describe(chat.scenes[0])]
+        assert not described
+    batch = collate(chats, processor)
+    tok = processor.tokenizer  # type: ignore[attr-defined]
+    for row, chat in enumerate(chats):
+        labelled = [t for t in batch["labels"][row].tolist() if t != -100]
+        assert tok.decode(labelled) == "".join(" " + a + EOS for _, a in chat.turns())
+        # every question (and the system message) stays unlabelled
+        text = tok.decode(batch["input_ids"][row].tolist())
+        for question, _ in chat.turns():
+            assert question in text and question not in tok.decode(labelled)
+
+
 def test_a_trained_folder_loads_like_any_checkpoint(
     small_parts: tuple[object, object], tmp_path: Path
 ) -> None:
@@ -127,7 +151,10 @@ def test_patch_targets_say_what_is_under_each_patch() -> None:
     assert image.size == labels.items.size == (512, 512)
     assert [c for c, _ in labels.chars] == ["G", "O"]
     target = patches.targets(scene, labels, 128, 16)
-    shape, color, char = (t.reshape(8, 8) for t in target)
+    assert target.shape == (2 + patches.COLUMNS, 64)
+    shape, color = target[0].reshape(8, 8), target[1].reshape(8, 8)
+    # the character under each quarter-patch strip, laid out as the image: 8 rows of 32 strips
+    char = target[2:].reshape(patches.COLUMNS, 8, 8).permute(1, 2, 0).reshape(8, 32)
     red, blue = 1 + list(world.COLORS).index("red"), 1 + list(world.COLORS).index("blue")
     square, star = 1 + world.SHAPES.index("square"), 1 + world.SHAPES.index("star")
     # left half: the square, in red; right half: the star, in blue; the top band: the word
@@ -142,3 +169,5 @@ def test_patch_targets_say_what_is_under_each_patch() -> None:
     assert rows.numel() and rows.max() < 3  # the word is in the top 30 %
     assert cols.max() < (char == o).nonzero(as_tuple=True)[1].min()  # G left of O
     assert set(char.unique().tolist()) == {patches.NONE, g, o}
+    # each glyph is several strips wide: finer than a patch
+    assert len(set(cols.tolist())) >= 3 and len(set((char == o).nonzero()[:, 1].tolist())) >= 3

@@ -3,6 +3,10 @@
 `make_example(rng, style)` draws a question type (weighted), one or two scenes, renders them, and
 builds the chat exactly as a client of the API would send it (an optional system message, a user
 turn with the image(s) and the question), plus the answer the assistant must give.
+
+`make_chat(rng)` is the training form: often several questions about the same image in one chat
+(each answered), so that one drawn image, and one pass of the vision tower over it, teaches the
+language model several answers. Evaluation asks one question per chat, as clients mostly do.
 """
 
 from __future__ import annotations
@@ -17,11 +21,11 @@ from training import world
 
 # How often each question type is drawn for training.
 TRAIN_MIX: dict[world.QuestionType, float] = {
-    "describe": 0.26,
-    "count": 0.10,
-    "color": 0.17,
-    "exists": 0.17,
-    "text": 0.18,
+    "describe": 0.22,
+    "count": 0.08,
+    "color": 0.18,
+    "exists": 0.20,
+    "text": 0.20,
     "pair": 0.12,
 }
 
@@ -36,9 +40,18 @@ class Example:
     image_first: bool = True
     scenes: list[world.Scene] = field(default_factory=list)  # one per image
     labels: list[world.Labels] = field(default_factory=list)  # where things are, per image
+    # further (question, answer) turns about the same image(s), asked after the first answer
+    more: list[tuple[str, str]] = field(default_factory=list)
 
-    def messages(self) -> list[dict[str, Any]]:
-        """The chat in Hugging Face's format (image placeholders), as the engine renders it."""
+    def turns(self) -> list[tuple[str, str]]:
+        return [(self.question, self.answer), *self.more]
+
+    def messages(self, *, answered: bool = False) -> list[dict[str, Any]]:
+        """The chat in Hugging Face's format (image placeholders), as the engine renders it.
+
+        Without `answered`: up to the first question (the prompt). With it: every turn with its
+        answer, the whole conversation a training example is.
+        """
         parts: list[dict[str, Any]] = [{"type": "image"} for _ in self.images]
         text = {"type": "text", "text": self.question}
         content = [*parts, text] if self.image_first else [text, *parts]
@@ -46,6 +59,12 @@ class Example:
         if self.system is not None:
             chat.append({"role": "system", "content": [{"type": "text", "text": self.system}]})
         chat.append({"role": "user", "content": content})
+        if not answered:
+            return chat
+        for k, (question, answer) in enumerate(self.turns()):
+            if k:
+                chat.append({"role": "user", "content": [{"type": "text", "text": question}]})
+            chat.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
         return chat
 
 
@@ -73,3 +92,32 @@ def make_example(
     images = [image for image, _ in drawn]
     labels = [label for _, label in drawn]
     return Example(kind, system, question, answer, images, image_first, scenes, labels)
+
+
+# Several questions about one image: how often, and how many at most.
+MULTI_RATE = 0.5
+MULTI_TURNS = 4
+
+
+def make_chat(rng: random.Random, kind: world.QuestionType) -> Example:
+    """A training chat: `kind` first, and (half the time, for one image) 1-3 further questions
+    about the same image. A description, which names everything, is only ever the last turn, so
+    no earlier answer gives away what a later question asks the image for."""
+    if kind == "pair" or rng.random() >= MULTI_RATE:
+        return make_example(rng, kind=kind)
+    singles = [k for k in TRAIN_MIX if k != "pair"]
+    kinds = [kind, *rng.choices(singles, weights=[TRAIN_MIX[k] for k in singles], k=MULTI_TURNS)]
+    kinds = kinds[: rng.randint(2, MULTI_TURNS)]
+    kinds = [k for k in kinds if k != "describe"] + (["describe"] if "describe" in kinds else [])
+    system = rng.choice(world.SYSTEM_PROMPTS) if rng.random() < 0.35 else None
+    scene = world.sample_scene(rng, text_rate=0.6 if "text" in kinds else 0.4)
+    turns: list[tuple[str, str]] = []
+    for k in kinds:
+        question, answer = world.ask(scene, rng, k)
+        if all(question != q for q, _ in turns):
+            turns.append((question, answer))
+    image, labels = world.render_labelled(scene, rng)
+    (question, answer), *more = turns
+    return Example(
+        kinds[0], system, question, answer, [image], rng.random() < 0.8, [scene], [labels], more
+    )

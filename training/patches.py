@@ -24,12 +24,19 @@ from training import world
 
 CHARS = string.ascii_uppercase + string.digits
 NONE = 0  # the class of a patch with no shape (or no character) on it
+# A 16 px patch of the model's input holds one or two glyphs, so the character read-out names
+# the glyph under each of `columns` vertical strips of the patch, left to right: which letters
+# are there, and in which order (1: one character per patch).
+COLUMNS = 4
 HEADS = {"shape": 1 + len(world.SHAPES), "color": 1 + len(world.COLORS), "char": 1 + len(CHARS)}
 COVER = 0.2  # a patch belongs to a shape when the shape covers at least this much of it
 
 
-def targets(scene: world.Scene, labels: world.Labels, size: int, patch: int) -> torch.Tensor:
-    """(3, grid * grid) class indices: shape, colour and character under each patch."""
+def targets(
+    scene: world.Scene, labels: world.Labels, size: int, patch: int, columns: int = COLUMNS
+) -> torch.Tensor:
+    """(2 + columns, grid * grid) class indices: shape and colour under each patch, then the
+    character under each of its `columns` strips."""
     grid = size // patch
     width, height = labels.items.size
     items = np.asarray(labels.items.resize((size, size), Image.Resampling.NEAREST))
@@ -43,22 +50,31 @@ def targets(scene: world.Scene, labels: world.Labels, size: int, patch: int) -> 
         colors = np.array([1 + list(world.COLORS).index(i.color) for i in scene.items])
         shape = np.where(share >= COVER, shapes[best], NONE)
         color = np.where(share >= COVER, colors[best], NONE)
-    char = np.zeros((grid, grid), dtype=np.int64)
-    fx, fy = grid / width, grid / height
-    centres = np.arange(grid) + 0.5
+    # strips across the whole image: grid * columns of them
+    char = np.zeros((grid, grid * columns), dtype=np.int64)
+    fx, fy = grid * columns / width, grid / height
+    rows_at, cols_at = np.arange(grid) + 0.5, np.arange(grid * columns) + 0.5
     for glyph, (x0, y0, x1, y1) in labels.chars:
         if glyph not in CHARS:
             continue
         value = 1 + CHARS.index(glyph)
-        cols = np.flatnonzero((centres >= x0 * fx) & (centres < x1 * fx))
-        rows = np.flatnonzero((centres >= y0 * fy) & (centres < y1 * fy))
-        # a glyph narrower (or shorter) than a patch still marks the patch its centre is in
+        cols = np.flatnonzero((cols_at >= x0 * fx) & (cols_at < x1 * fx))
+        rows = np.flatnonzero((rows_at >= y0 * fy) & (rows_at < y1 * fy))
+        # a glyph narrower than a strip (or shorter than a patch) still marks the one its
+        # centre is in
         if cols.size == 0:
-            cols = np.array([min(grid - 1, int((x0 + x1) / 2 * fx))])
+            cols = np.array([min(grid * columns - 1, int((x0 + x1) / 2 * fx))])
         if rows.size == 0:
             rows = np.array([min(grid - 1, int((y0 + y1) / 2 * fy))])
         char[np.ix_(rows, cols)] = value
-    return torch.from_numpy(np.stack([shape, color, char.reshape(-1)]))
+    # (grid, grid, columns) -> (columns, grid * grid): strip j of every patch, in patch order
+    strips = char.reshape(grid, grid, columns).transpose(2, 0, 1).reshape(columns, -1)
+    return torch.from_numpy(np.concatenate([shape[None], color[None], strips]))
+
+
+def rows(name: str, columns: int) -> slice:
+    """Which rows of `targets` a read-out learns from."""
+    return {"shape": slice(0, 1), "color": slice(1, 2), "char": slice(2, 2 + columns)}[name]
 
 
 class PatchHeads(torch.nn.Module):
@@ -69,10 +85,16 @@ class PatchHeads(torch.nn.Module):
     readable where the language model looks for them.
     """
 
-    def __init__(self, hidden: int, names: tuple[str, ...] = tuple(HEADS)) -> None:
+    def __init__(
+        self, hidden: int, names: tuple[str, ...] = tuple(HEADS), columns: int = COLUMNS
+    ) -> None:
         super().__init__()
         self.names = names
-        self.heads = torch.nn.ModuleDict({n: torch.nn.Linear(hidden, HEADS[n]) for n in names})
+        self.width = {"shape": 1, "color": 1, "char": columns}  # target rows per read-out
+        self.columns = columns
+        self.heads = torch.nn.ModuleDict(
+            {n: torch.nn.Linear(hidden, self.width[n] * HEADS[n]) for n in names}
+        )
         self.seen: torch.Tensor | None = None
         self.accuracy: dict[str, float] = {}
 
@@ -85,7 +107,8 @@ class PatchHeads(torch.nn.Module):
         module.register_forward_hook(keep)
 
     def loss(self, target: torch.Tensor) -> torch.Tensor:
-        """Mean cross-entropy of the read-outs; `target` is (images, 3, patches), in HEADS order.
+        """Mean cross-entropy of the read-outs; `target` is (images, rows, patches) as `targets`
+        makes it.
 
         Also keeps each read-out's accuracy on the patches that are not background, for the log.
         """
@@ -96,8 +119,11 @@ class PatchHeads(torch.nn.Module):
             raise RuntimeError(f"{seen.shape[0]} images seen, {target.shape[0]} labelled")
         total = seen.new_zeros(())
         for name, head in self.heads.items():
-            logits = head(seen).reshape(-1, HEADS[name])
-            wanted = target[:, list(HEADS).index(name)].reshape(-1)
+            # (images, patches, strips * classes) -> one row per patch strip
+            width = self.width[name]
+            logits = head(seen).reshape(seen.shape[0], seen.shape[1], width, HEADS[name])
+            logits = logits.reshape(-1, HEADS[name])
+            wanted = target[:, rows(name, self.columns)].transpose(1, 2).reshape(-1)
             total = total + torch.nn.functional.cross_entropy(logits, wanted)
             marked = wanted != NONE
             if marked.any():

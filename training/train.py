@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from oculo.testing.checkpoints import Size, build_tokenizer, idefics3_parts
 from training import patches, world
-from training.data import TRAIN_MIX, Example, make_example
+from training.data import TRAIN_MIX, Example, make_chat
 
 SIZE = Size(
     image_size=128,
@@ -91,32 +91,59 @@ def shrink(image: Image.Image) -> Image.Image:
     return image.reduce(factor) if factor != (1, 1) else image
 
 
-def collate(examples: list[Example], processor: Any) -> dict[str, torch.Tensor]:
-    """Tokenize chats with their answers; the loss is on the answer (and its end token) only."""
+def _answer_spans(row: list[int], answers: list[list[int]], cue: list[int]) -> list[int]:
+    """Where each answer's tokens start in `row`: in order, each right after the `cue` tokens
+    (the template's "Assistant:")."""
+    starts, at = [], 0
+    for answer in answers:
+        n, m = len(cue), len(answer)
+        while at + n + m <= len(row) and (
+            row[at : at + n] != cue or row[at + n : at + n + m] != answer
+        ):
+            at += 1
+        if at + n + m > len(row):
+            raise RuntimeError("an answer does not tokenize the same inside the chat")
+        starts.append(at + n)
+        at += n + m
+    return starts
+
+
+def collate(
+    examples: list[Example], processor: Any, columns: int = patches.COLUMNS
+) -> dict[str, torch.Tensor]:
+    """Tokenize whole chats; the loss is on the answers (each with its end token) only."""
     texts, images, answers = [], [], []
+    tokenizer = processor.tokenizer
     for ex in examples:
-        prompt = processor.apply_chat_template(ex.messages(), add_generation_prompt=True)
-        completion = " " + ex.answer + EOS
-        texts.append(prompt + completion)
+        texts.append(processor.apply_chat_template(ex.messages(answered=True)))
         images.append([shrink(image) for image in ex.images])
-        answers.append(processor.tokenizer(completion, add_special_tokens=False).input_ids)
+        answers.append(
+            [
+                tokenizer(" " + answer + EOS, add_special_tokens=False).input_ids
+                for _, answer in ex.turns()
+            ]
+        )
     batch = processor(text=texts, images=images, return_tensors="pt", padding=True)
+    cue = tokenizer("Assistant:", add_special_tokens=False).input_ids
     labels = torch.full_like(batch["input_ids"], -100)
-    lengths = batch["attention_mask"].sum(dim=1).tolist()
-    for i, (length, answer) in enumerate(zip(lengths, answers, strict=True)):
-        tail = batch["input_ids"][i, length - len(answer) : length]
-        if tail.tolist() != answer:
-            raise RuntimeError("the answer does not tokenize the same inside the chat")
-        labels[i, length - len(answer) : length] = tail
+    for i, spans in enumerate(answers):
+        row = batch["input_ids"][i].tolist()
+        for start, answer in zip(_answer_spans(row, spans, cue), spans, strict=True):
+            labels[i, start : start + len(answer)] = batch["input_ids"][
+                i, start : start + len(answer)
+            ]
     batch["labels"] = labels
     out = dict(batch)
     drawn = [pair for ex in examples for pair in zip(ex.scenes, ex.labels, strict=True)]
     token = SIZE.patch_size * SIZE.scale_factor  # an image token covers scale x scale patches
     out["patch_targets"] = torch.stack(
-        [patches.targets(scene, label, SIZE.image_size, SIZE.patch_size) for scene, label in drawn]
+        [
+            patches.targets(scene, label, SIZE.image_size, SIZE.patch_size, columns)
+            for scene, label in drawn
+        ]
     )
     out["token_targets"] = torch.stack(
-        [patches.targets(scene, label, SIZE.image_size, token) for scene, label in drawn]
+        [patches.targets(scene, label, SIZE.image_size, token, columns) for scene, label in drawn]
     )
     return out
 
@@ -124,8 +151,11 @@ def collate(examples: list[Example], processor: Any) -> dict[str, torch.Tensor]:
 class Batches(IterableDataset[dict[str, torch.Tensor]]):
     """Batch k is drawn from Random((seed, k)): the stream does not depend on worker timing."""
 
-    def __init__(self, processor: Any, seed: int, batch_size: int, start: int, stop: int) -> None:
+    def __init__(
+        self, processor: Any, seed: int, batch_size: int, start: int, stop: int, columns: int
+    ) -> None:
         self.processor = processor
+        self.columns = columns
         self.seed = seed
         self.batch_size = batch_size
         self.start = start
@@ -142,8 +172,8 @@ class Batches(IterableDataset[dict[str, torch.Tensor]]):
                 kinds = ["pair"] * self.batch_size
             else:
                 kinds = rng.choices(singles, weights=weights, k=self.batch_size)
-            examples = [make_example(rng, kind=kind) for kind in kinds]
-            yield collate(examples, self.processor)
+            examples = [make_chat(rng, kind) for kind in kinds]
+            yield collate(examples, self.processor, self.columns)
 
 
 def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
@@ -157,7 +187,8 @@ def model_card(params: int, args: argparse.Namespace, minutes: float, loss: floa
     image_tokens = (SIZE.image_size // SIZE.patch_size) ** 2 // SIZE.scale_factor**2
     command = (
         ".venv/bin/python -m training.train --out src/oculo/models/oculo-tiny "
-        f"--steps {args.steps} --batch-size {args.batch_size} --lr {args.lr} --seed {args.seed}"
+        f"--steps {args.steps} --batch-size {args.batch_size} --lr {args.lr} --seed {args.seed} "
+        f"--char-columns {args.char_columns} --{'' if args.token_chars else 'no-'}token-chars"
     )
     describe = 'A red circle and a blue star. The text says "GO".'
     return f"""# oculo-tiny
@@ -207,9 +238,11 @@ examples, none repeated), AdamW (peak lr {args.lr}, warm-up {args.warmup}, cosin
 {"bf16 autocast" if args.bf16 else "float32"}, {minutes:.0f} minutes on {args.threads} CPU threads;
 final training loss {loss:.4f}. Beside the language loss on the answer, the vision tower is
 supervised patch by patch (weight {args.patch_weight}): linear read-outs of its output learn which
-shape, colour and printed character lies under each patch, and read-outs of the connector's image
-tokens which shape and colour each token covers (`training/patches.py`). The read-outs are a
-training aid and are not saved: the checkpoint is a plain Idefics3 model.
+shape and colour lies under each patch and which printed character under each of its
+{args.char_columns} vertical strips, and read-outs of the connector's image tokens the same for
+each token ({"shape, colour and characters" if args.token_chars else "shape and colour"};
+`training/patches.py`). The read-outs are a training aid and are not saved: the checkpoint is a
+plain Idefics3 model. Half the training chats ask several questions about one image.
 """
 
 
@@ -234,6 +267,18 @@ def main() -> None:
         default=1.0,
         help="weight of the per-patch shape/colour/character loss on the vision tower (0: off)",
     )
+    parser.add_argument(
+        "--char-columns",
+        type=int,
+        default=patches.COLUMNS,
+        help="strips per patch the character read-out names a glyph for (1: one per patch)",
+    )
+    parser.add_argument(
+        "--token-chars",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also read printed characters out of the connector's image tokens",
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--probe", action="store_true", help="time 20 steps and stop")
@@ -253,15 +298,18 @@ def main() -> None:
     print(f"oculo-tiny: {params / 1e6:.2f}M parameters, {SIZE}", flush=True)
     steps = 20 if args.probe else args.steps
     loader = DataLoader(
-        Batches(processor, args.seed, args.batch_size, 0, args.stop_after or steps),
+        Batches(
+            processor, args.seed, args.batch_size, 0, args.stop_after or steps, args.char_columns
+        ),
         batch_size=None,
         num_workers=args.workers,
         prefetch_factor=4 if args.workers else None,
         persistent_workers=False,
     )
-    heads = patches.PatchHeads(SIZE.vision_hidden)
+    heads = patches.PatchHeads(SIZE.vision_hidden, columns=args.char_columns)
     heads.attach(model.model.vision_model)
-    token_heads = patches.PatchHeads(SIZE.hidden, ("shape", "color"))
+    token_names = ("shape", "color", "char") if args.token_chars else ("shape", "color")
+    token_heads = patches.PatchHeads(SIZE.hidden, token_names, columns=args.char_columns)
     token_heads.attach(model.model.connector)
     aids = [*heads.parameters(), *token_heads.parameters()]
     optimizer = torch.optim.AdamW(
