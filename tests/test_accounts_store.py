@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import sqlite3
+import subprocess
+import sys
+import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 from sqlalchemy import text
@@ -157,3 +162,29 @@ async def test_ledger_rows_and_totals(engine: AsyncEngine) -> None:
     assert count == 6
     assert row["status"] == 499 and row["error_code"] == "client_disconnected"
     assert row["image_positions"] == 81 and row["stream"] in (False, 0)
+
+
+def test_processes_starting_together_on_a_new_sqlite_file_take_turns(tmp_path: Path) -> None:
+    """Several `oculo serve` processes started at once on a fresh data folder all come up."""
+    go = tmp_path / "go"
+    script = f"""
+import asyncio, os, sys, time
+from oculo.accounts.store import open_store
+while not os.path.exists({str(go)!r}):
+    time.sleep(0.001)
+async def main():
+    engine = await open_store(None, {str(tmp_path / "data")!r})
+    await engine.dispose()
+asyncio.run(main())
+"""
+    procs = [
+        subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE) for _ in range(4)
+    ]
+    time.sleep(3)  # let every process import and wait at the line
+    go.touch()
+    errors = [p.communicate(timeout=180)[1].decode() for p in procs]
+    assert [p.returncode for p in procs] == [0] * 4, errors
+    versions = sqlite3.connect(tmp_path / "data" / "oculo.db").execute(
+        "SELECT count(*) FROM alembic_version"
+    )
+    assert versions.fetchone() == (1,)

@@ -4,7 +4,8 @@ SQLite by default, one file `oculo.db` in the data folder (`data_dir`, `OCULO_DA
 per-user data folder), in WAL mode with full fsync on commit: zero set-up, and a committed row
 survives a killed process. PostgreSQL when `database_url` names it, for several oculo processes
 behind one load balancer. Migrations are Alembic's, run on every start (a no-op when current);
-on PostgreSQL under an advisory lock, so processes starting together take turns.
+under a lock (PostgreSQL's advisory lock; on SQLite a lock file beside the database), so
+processes starting together take turns and the later ones find the schema current.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any
 import platformdirs
 from alembic import command
 from alembic.config import Config
+from filelock import AsyncFileLock
 from sqlalchemy import Connection, event, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
@@ -77,7 +79,18 @@ def _upgrade(connection: Connection) -> None:
 
 
 async def migrate(engine: AsyncEngine) -> None:
-    """Bring the schema to the newest revision (idempotent)."""
+    """Bring the schema to the newest revision (idempotent), one process at a time."""
+    database = engine.url.database
+    if engine.dialect.name == "sqlite" and database and database != ":memory:":
+        # SQLite's deferred transactions would let two new processes both see no schema and
+        # both create it; the lock file makes the second wait and find it current.
+        async with AsyncFileLock(f"{database}.migrate.lock", timeout=120):
+            await _migrate(engine)
+    else:
+        await _migrate(engine)
+
+
+async def _migrate(engine: AsyncEngine) -> None:
     async with engine.begin() as connection:
         if connection.dialect.name == "postgresql":
             await connection.execute(text(f"SELECT pg_advisory_xact_lock({_MIGRATION_LOCK})"))
