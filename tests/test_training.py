@@ -150,11 +150,11 @@ def test_patch_targets_say_what_is_under_each_patch() -> None:
     image, labels = world.render_labelled(scene, random.Random(0))
     assert image.size == labels.items.size == (512, 512)
     assert [c for c, _ in labels.chars] == ["G", "O"]
-    target = patches.targets(scene, labels, 128, 16)
-    assert target.shape == (2 + patches.COLUMNS, 64)
+    target = patches.targets(scene, labels, 128, 16, columns=4)
+    assert target.shape == (2 + 4, 64)
     shape, color = target[0].reshape(8, 8), target[1].reshape(8, 8)
     # the character under each quarter-patch strip, laid out as the image: 8 rows of 32 strips
-    char = target[2:].reshape(patches.COLUMNS, 8, 8).permute(1, 2, 0).reshape(8, 32)
+    char = target[2:].reshape(4, 8, 8).permute(1, 2, 0).reshape(8, 32)
     red, blue = 1 + list(world.COLORS).index("red"), 1 + list(world.COLORS).index("blue")
     square, star = 1 + world.SHAPES.index("square"), 1 + world.SHAPES.index("star")
     # left half: the square, in red; right half: the star, in blue; the top band: the word

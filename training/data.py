@@ -21,11 +21,11 @@ from training import world
 
 # How often each question type is drawn for training.
 TRAIN_MIX: dict[world.QuestionType, float] = {
-    "describe": 0.22,
-    "count": 0.08,
-    "color": 0.18,
-    "exists": 0.20,
-    "text": 0.20,
+    "describe": 0.26,
+    "count": 0.10,
+    "color": 0.17,
+    "exists": 0.17,
+    "text": 0.18,
     "pair": 0.12,
 }
 

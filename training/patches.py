@@ -27,7 +27,7 @@ NONE = 0  # the class of a patch with no shape (or no character) on it
 # A 16 px patch of the model's input holds one or two glyphs, so the character read-out names
 # the glyph under each of `columns` vertical strips of the patch, left to right: which letters
 # are there, and in which order (1: one character per patch).
-COLUMNS = 4
+COLUMNS = 1
 HEADS = {"shape": 1 + len(world.SHAPES), "color": 1 + len(world.COLORS), "char": 1 + len(CHARS)}
 COVER = 0.2  # a patch belongs to a shape when the shape covers at least this much of it
 

@@ -271,12 +271,13 @@ def main() -> None:
         "--char-columns",
         type=int,
         default=patches.COLUMNS,
-        help="strips per patch the character read-out names a glyph for (1: one per patch)",
+        help="strips per patch the character read-out names a glyph for (1: one per patch; "
+        "4 began to read first letters, but learned shapes more slowly)",
     )
     parser.add_argument(
         "--token-chars",
         action=argparse.BooleanOptionalAction,
-        default=True,
+        default=False,
         help="also read printed characters out of the connector's image tokens",
     )
     parser.add_argument("--threads", type=int, default=2)
