@@ -10,7 +10,7 @@ import pytest
 
 from oculo.testing.checkpoints import Size, build_tokenizer, idefics3_parts
 from training import patches, world
-from training.data import MULTI_TURNS, make_chat, make_example
+from training.data import MULTI_TURNS, Example, make_chat, make_example
 from training.train import EOS, ISOLATE, collate, tokenizer_corpus
 
 
@@ -113,6 +113,40 @@ def test_a_training_chat_asks_several_questions_and_learns_every_answer(
             assert question in text and question not in tok.decode(labelled)
 
 
+def test_make_chat_follows_the_layout_it_is_given() -> None:
+    rng = random.Random(4)
+    for _ in range(10):
+        chat = make_chat(rng, "count", turns=3, system=True)
+        assert chat.system in world.SYSTEM_PROMPTS
+        assert 2 <= len(chat.turns()) <= 3  # a question drawn twice is asked once
+        single = make_chat(rng, "exists", turns=1, system=False)
+        assert single.system is None and not single.more
+
+
+def test_a_batch_gives_its_chats_one_layout(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The rows of a batch share their layout (one question or several, a system message or
+    none), so they pad to similar lengths; across batches every layout occurs."""
+    import training.train as train_module
+
+    batches: list[list[Example]] = []
+
+    def keep(examples: list[Example], processor: object, columns: int) -> dict[str, object]:
+        batches.append(examples)
+        return {}
+
+    monkeypatch.setattr(train_module, "collate", keep)
+    list(train_module.Batches(None, seed=0, batch_size=8, start=0, stop=40, columns=1))
+    layouts = set()
+    for examples in batches:
+        systems = {e.system is not None for e in examples}
+        several = {bool(e.more) for e in examples}
+        assert len(systems) == 1
+        if {e.kind for e in examples} != {"pair"}:
+            assert several == {False} or sum(bool(e.more) for e in examples) >= len(examples) // 2
+        layouts.add((systems.pop(), True in several))
+    assert layouts == {(False, False), (False, True), (True, False), (True, True)}
+
+
 def test_a_trained_folder_loads_like_any_checkpoint(
     small_parts: tuple[object, object], tmp_path: Path
 ) -> None:
@@ -171,3 +205,38 @@ def test_patch_targets_say_what_is_under_each_patch() -> None:
     assert set(char.unique().tolist()) == {patches.NONE, g, o}
     # each glyph is several strips wide: finer than a patch
     assert len(set(cols.tolist())) >= 3 and len(set((char == o).nonzero()[:, 1].tolist())) >= 3
+
+
+def test_the_tower_warm_up_trains_the_tower_and_not_the_language_model() -> None:
+    import argparse
+
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    from training.train import SIZE, warm_tower
+
+    tokenizer = build_tokenizer(
+        "idefics3", tokenizer_corpus(0, n=300), vocab_size=300, isolate=ISOLATE
+    )
+    # the training's own image and patch sizes (the read-outs' targets follow them), tiny widths
+    size = Size(image_size=SIZE.image_size, patch_size=SIZE.patch_size, hidden=32, layers=1,
+                heads=2, vision_hidden=32, vision_layers=1, vision_heads=2)  # fmt: skip
+    config, processor = idefics3_parts(tokenizer, size)
+    torch.manual_seed(0)
+    model = AutoModelForImageTextToText.from_config(config)
+    vision = model.model.vision_model
+    heads = patches.PatchHeads(config.vision_config.hidden_size, columns=2)  # type: ignore[attr-defined]
+    heads.attach(vision)
+    token_heads = patches.PatchHeads(config.text_config.hidden_size, columns=2)  # type: ignore[attr-defined]
+    token_heads.attach(model.model.connector)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    args = argparse.Namespace(
+        seed=0, lr=1e-3, batch_size=4, tower_steps=3, char_columns=2, workers=0
+    )
+    model.train()
+    warm_tower(model, processor, heads, token_heads, args)
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert any(n.startswith("model.vision_model.") for n in changed)
+    assert any(n.startswith("model.connector.") for n in changed)
+    assert not any(n.startswith(("model.text_model.", "lm_head.")) for n in changed)
+    assert set(heads.accuracy) == {"shape", "color", "char"}

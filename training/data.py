@@ -97,27 +97,41 @@ def make_example(
 # Several questions about one image: how often, and how many at most.
 MULTI_RATE = 0.5
 MULTI_TURNS = 4
+SYSTEM_RATE = 0.35
 
 
-def make_chat(rng: random.Random, kind: world.QuestionType) -> Example:
-    """A training chat: `kind` first, and (half the time, for one image) 1-3 further questions
-    about the same image. A description, which names everything, is only ever the last turn, so
-    no earlier answer gives away what a later question asks the image for."""
-    if kind == "pair" or rng.random() >= MULTI_RATE:
-        return make_example(rng, kind=kind)
+def make_chat(
+    rng: random.Random,
+    kind: world.QuestionType,
+    *,
+    turns: int | None = None,
+    system: bool | None = None,
+) -> Example:
+    """A training chat: `kind` first, and (for one image) possibly further questions about the
+    same image. A description, which names everything, is only ever the last turn, so no earlier
+    answer gives away what a later question asks the image for.
+
+    `turns` (1 to MULTI_TURNS questions; drawn when None: one half the time, else 2 to
+    MULTI_TURNS) and `system` (whether a system message comes first; drawn when None) let a
+    batch give all its rows the same layout, so that they pad to similar lengths."""
+    if turns is None:
+        turns = 1 if rng.random() >= MULTI_RATE else rng.randint(2, MULTI_TURNS)
+    if system is None:
+        system = rng.random() < SYSTEM_RATE
+    if kind == "pair" or turns == 1:
+        return make_example(rng, kind=kind, system_rate=1.0 if system else 0.0)
     singles = [k for k in TRAIN_MIX if k != "pair"]
-    kinds = [kind, *rng.choices(singles, weights=[TRAIN_MIX[k] for k in singles], k=MULTI_TURNS)]
-    kinds = kinds[: rng.randint(2, MULTI_TURNS)]
+    kinds = [kind, *rng.choices(singles, weights=[TRAIN_MIX[k] for k in singles], k=turns - 1)]
     kinds = [k for k in kinds if k != "describe"] + (["describe"] if "describe" in kinds else [])
-    system = rng.choice(world.SYSTEM_PROMPTS) if rng.random() < 0.35 else None
+    prompt = rng.choice(world.SYSTEM_PROMPTS) if system else None
     scene = world.sample_scene(rng, text_rate=0.6 if "text" in kinds else 0.4)
-    turns: list[tuple[str, str]] = []
+    asked: list[tuple[str, str]] = []
     for k in kinds:
         question, answer = world.ask(scene, rng, k)
-        if all(question != q for q, _ in turns):
-            turns.append((question, answer))
+        if all(question != q for q, _ in asked):
+            asked.append((question, answer))
     image, labels = world.render_labelled(scene, rng)
-    (question, answer), *more = turns
+    (question, answer), *more = asked
     return Example(
-        kinds[0], system, question, answer, [image], rng.random() < 0.8, [scene], [labels], more
+        kinds[0], prompt, question, answer, [image], rng.random() < 0.8, [scene], [labels], more
     )
