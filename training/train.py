@@ -198,7 +198,15 @@ def model_card(params: int, args: argparse.Namespace, minutes: float, loss: floa
     command = (
         ".venv/bin/python -m training.train --out src/oculo/models/oculo-tiny "
         f"--steps {args.steps} --batch-size {args.batch_size} --lr {args.lr} --seed {args.seed} "
-        f"--char-columns {args.char_columns} --{'' if args.token_chars else 'no-'}token-chars"
+        f"--char-columns {args.char_columns} --{'' if args.token_chars else 'no-'}token-chars "
+        f"--tower-steps {args.tower_steps}"
+    )
+    tower = (
+        f"Before the whole model, the vision tower and the connector train alone on those "
+        f"read-outs for {args.tower_steps} batches (no language model, so a step costs a "
+        "fraction of a whole one). "
+        if args.tower_steps
+        else ""
     )
     describe = 'A red circle and a blue star. The text says "GO".'
     return f"""# oculo-tiny
@@ -251,8 +259,10 @@ supervised patch by patch (weight {args.patch_weight}): linear read-outs of its 
 shape and colour lies under each patch and which printed character under each of its
 {args.char_columns} vertical strips, and read-outs of the connector's image tokens the same for
 each token ({"shape, colour and characters" if args.token_chars else "shape and colour"};
-`training/patches.py`). The read-outs are a training aid and are not saved: the checkpoint is a
-plain Idefics3 model. Half the training chats ask several questions about one image.
+`training/patches.py`). {tower}The read-outs are a training aid and are not saved: the checkpoint
+is a plain Idefics3 model. Half the training batches are chats of several questions about one
+image; the rows of a batch share one layout (one question or several, with or without a system
+message), so that they pad to similar lengths.
 """
 
 
@@ -392,6 +402,7 @@ def main() -> None:
     started = time.perf_counter()
     if args.tower_steps and not args.probe:
         warm_tower(model, processor, heads, token_heads, args)
+    looping = time.perf_counter()  # the whole model's steps/s leave the warm-up out
     window: list[float] = []
     patch_window: list[float] = []
     log: list[dict[str, float]] = []
@@ -424,7 +435,8 @@ def main() -> None:
             )
             print(
                 f"step {step + 1}/{steps} loss {mean:.4f} patches {patch_mean:.4f} ({read}) "
-                f"{(step + 1) / elapsed:.2f} steps/s {elapsed / 60:.1f} min",
+                f"{(step + 1) / (time.perf_counter() - looping):.2f} steps/s "
+                f"{elapsed / 60:.1f} min",
                 flush=True,
             )
         if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < steps:
