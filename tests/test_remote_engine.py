@@ -8,6 +8,8 @@ import io
 import json
 import re
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -17,7 +19,15 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import API_KEY, data_uri, free_port, make_image, png_uri, serve_settings
+from conftest import (
+    API_KEY,
+    data_uri,
+    free_port,
+    make_image,
+    oculo_cli,
+    png_uri,
+    serve_settings,
+)
 from PIL import Image
 
 from oculo.config import ConfigError, ModelSpec, load_settings
@@ -458,3 +468,26 @@ def test_least_outstanding_routing_spreads_concurrent_requests() -> None:
             t.join()
         assert results == [200] * 6
         assert (len(a.chat_requests), len(b.chat_requests)) == (3, 3)
+
+
+def test_oculo_models_shows_each_upstream() -> None:
+    dead = f"http://127.0.0.1:{free_port()}"
+    with stubs(1) as (stub,), oculo(remote(stub.url, dead, health_interval=60)) as base:
+        assert ask(base).status_code == 200
+        models = json.loads(oculo_cli("models", "--url", base, "--json", env={}).stdout)
+        (model,) = models
+        assert (model["id"], model["engine"], model["status"]) == (PUBLIC, "remote", "ready")
+        assert model["upstream_model"] == UPSTREAM_MODEL
+        live, down = model["upstreams"]
+        assert (live["url"], live["healthy"], live["requests"]["ok"]) == (stub.url, True, 1)
+        assert (down["url"], down["healthy"]) == (dead, False)
+        assert "ConnectError" in down["last_error"]
+        table = oculo_cli("models", "--url", base, env={}).stdout
+        for word in (PUBLIC, "remote", stub.url, "healthy", "unhealthy", "1 / 0"):
+            assert word in table
+    gone = subprocess.run(
+        [sys.executable, "-m", "oculo.cli", "models", "--url", base],
+        capture_output=True,
+        text=True,
+    )
+    assert gone.returncode == 1 and "no oculo server answered" in gone.stderr
