@@ -2,8 +2,10 @@
 
 - **Health checks** (active): every `health_interval` seconds each upstream gets `GET /health`;
   a server without that route (404 / 405) gets `GET /v1/models` instead. A 2xx is healthy;
-  anything else, or no answer within `connect_timeout`, is not. Until its first check an upstream
-  counts as healthy, so a pool serves from its first second.
+  anything else, or no answer within `connect_timeout`, is not; after the first check, two failed
+  checks in a row make the verdict, and a check that times out while the upstream is answering
+  requests is not held against it (some servers, llama-cpp-python's, answer nothing else while
+  they generate). Until its first check an upstream counts as healthy.
 - **Routing**: least outstanding requests among the usable upstreams (healthy, not ejected, under
   `max_outstanding`); ties go round-robin, so an idle pool spreads its load.
 - **Passive ejection**: `eject_after` consecutive failed requests (no connection, a 5xx, a
@@ -34,6 +36,7 @@ __all__ = ["PoolCounters", "Upstream", "UpstreamPool", "UpstreamState"]
 
 log = logging.getLogger("oculo.pool")
 
+_CHECKS_TO_FAIL = 2  # failed health checks in a row that make a (checked) upstream unhealthy
 OUTCOMES = ("ok", "rejected", "busy", "error", "timeout", "cancelled")
 
 
@@ -46,6 +49,7 @@ class Upstream:
     checked: bool = False  # whether a health check has answered yet
     ejected_until: float = 0.0  # the pool clock's time; 0: not ejected
     failures: int = 0  # consecutive failed requests
+    failed_checks: int = 0  # consecutive failed health checks
     last_error: str | None = None
     requests: Counter[str] = field(default_factory=Counter)  # by outcome
     ejections: int = 0
@@ -198,8 +202,16 @@ class UpstreamPool:
                 if not healthy:
                     reason = f"health check: HTTP {response.status_code} on {path}"
                 break
+        except httpx.TimeoutException as exc:
+            if upstream.outstanding:  # busy answering: its requests judge it, not this check
+                return upstream.healthy
+            reason = f"health check: {type(exc).__name__}"
         except httpx.HTTPError as exc:
             reason = f"health check: {type(exc).__name__}"
+        upstream.failed_checks = 0 if healthy else upstream.failed_checks + 1
+        if not healthy and upstream.checked and upstream.failed_checks < _CHECKS_TO_FAIL:
+            upstream.last_error = reason
+            return upstream.healthy  # one failed check in a row is not yet a verdict
         if healthy != upstream.healthy or not upstream.checked:
             log.log(
                 logging.INFO if healthy else logging.WARNING,
