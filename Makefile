@@ -7,7 +7,7 @@ PORT   ?= 8000
 # torch is pinned to the CPU wheel (torch==2.13.0 in pyproject.toml); an unpinned torch pulls CUDA.
 PIP_INSTALL := $(BIN)/python -m pip install --quiet
 
-.PHONY: serve test lint install install-test clean
+.PHONY: serve test lint install install-test install-bench bench-gateway clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -19,7 +19,8 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	touch $@
 
 $(VENV)/.installed-test: pyproject.toml $(VENV)/.installed tests/node/package-lock.json
-	$(PIP_INSTALL) -e '.[test]'
+	# llama-cpp-python compiles from source the first time (needs g++ and cmake; pip keeps the wheel)
+	CMAKE_BUILD_PARALLEL_LEVEL=2 $(PIP_INSTALL) -e '.[test]'
 	# the seed's TypeScript example runs under Node with the real openai package
 	if command -v npm >/dev/null; then cd tests/node && npm ci --no-audit --no-fund --loglevel=error; fi
 	touch $@
@@ -27,6 +28,15 @@ $(VENV)/.installed-test: pyproject.toml $(VENV)/.installed tests/node/package-lo
 install: $(VENV)/.installed
 
 install-test: $(VENV)/.installed-test
+
+# benchmarks: matplotlib and py-spy here; LiteLLM's proxy in a virtualenv of its own
+install-bench: install-test
+	$(PIP_INSTALL) matplotlib py-spy
+	test -x .venv-litellm/bin/litellm || ($(PYTHON) -m venv .venv-litellm && \
+		.venv-litellm/bin/python -m pip install --quiet 'litellm[proxy]')
+
+bench-gateway: install-bench
+	$(BIN)/python -m benchmarks.gateway --requests 300 --plot benchmarks/gateway.svg
 
 serve: install
 	$(BIN)/oculo serve --host $(HOST) --port $(PORT)
@@ -40,4 +50,4 @@ test: lint
 	$(BIN)/python -m pytest -q
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .venv-litellm .pytest_cache .mypy_cache .ruff_cache

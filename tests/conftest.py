@@ -276,18 +276,29 @@ def run_async(work: Any) -> Any:
 @contextmanager
 def serve_in_process(engine: Any, model_id: str, **settings: Any) -> Iterator[str]:
     """An oculo app around `engine` under uvicorn in a thread; yields its base URL."""
-    import uvicorn
-
-    from oculo.api.app import create_app
-    from oculo.config import ModelSpec, Settings
+    from oculo.config import ModelSpec
     from oculo.registry import ModelRegistry
 
     spec = ModelSpec(id=model_id, path="-")
+    with serve_settings(
+        [spec], ModelRegistry([spec], factory=lambda _: engine), **settings
+    ) as base:
+        yield base
+
+
+@contextmanager
+def serve_settings(models: list[Any], registry: Any = None, **settings: Any) -> Iterator[str]:
+    """An oculo app for the catalog `models` under uvicorn in a thread; yields its base URL."""
+    import uvicorn
+
+    from oculo.api.app import create_app
+    from oculo.config import Settings
+
     if "database_url" not in settings:
         settings.setdefault("data_dir", tempfile.mkdtemp(prefix="oculo-data-"))
     settings.setdefault("api_keys", [API_KEY])
-    config = Settings(models=[spec], **settings)
-    app = create_app(config, ModelRegistry([spec], factory=lambda _: engine))
+    config = Settings(models=models, **settings)
+    app = create_app(config, registry)
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
@@ -299,7 +310,8 @@ def serve_in_process(engine: Any, model_id: str, **settings: Any) -> Iterator[st
             if httpx.get(base + "/ready").status_code == 200:
                 break
         except httpx.HTTPError:
-            time.sleep(0.02)
+            pass
+        time.sleep(0.02)
     try:
         yield base
     finally:

@@ -58,7 +58,7 @@ async def test_migrations_are_idempotent(engine: AsyncEngine) -> None:
     await migrate(engine)  # second run: nothing to do
     async with engine.connect() as conn:
         version = (await conn.execute(text("SELECT version_num FROM alembic_version"))).scalar()
-    assert version == "0001"
+    assert version == "0002"
 
 
 async def test_keys_create_verify_revoke_expire(engine: AsyncEngine) -> None:

@@ -1,4 +1,4 @@
-"""The `oculo` command line: serve, keys (create, list, revoke), usage."""
+"""The `oculo` command line: serve, keys (create, list, revoke), usage, models."""
 
 from __future__ import annotations
 
@@ -320,6 +320,84 @@ def usage(
             *(str(n) for n in (r.completion_tokens, r.total_tokens)),
         )
     out.print(table)
+
+
+def _server_url(url: str | None, config: Path | None) -> str:
+    if url:
+        return url.rstrip("/")
+    settings = _settings(config)
+    host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
+    return f"http://{host}:{settings.port}"
+
+
+def _upstream_row(model: dict[str, Any], up: dict[str, Any]) -> list[str]:
+    if up["ejected"]:
+        health = "[red]ejected[/red]"
+    elif not up["checked"]:
+        health = "unchecked"
+    else:
+        health = "[green]healthy[/green]" if up["healthy"] else "[red]unhealthy[/red]"
+    requests = up["requests"]
+    failed = requests.get("error", 0) + requests.get("timeout", 0)
+    return [
+        model["id"],
+        model["engine"],
+        model["status"],
+        up["url"],
+        health,
+        str(up["outstanding"]),
+        f"{up['ejected_for']:.0f} s" if up["ejected"] else "-",
+        f"{requests.get('ok', 0)} / {failed}",
+        up["last_error"] or "-",
+    ]
+
+
+@app.command()
+def models(
+    url: Annotated[
+        str | None,
+        typer.Option(help="The running oculo server (default: host and port from the settings)."),
+    ] = None,
+    config: ConfigOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """The models a running server serves, and for remote ones each upstream's state."""
+    import httpx
+
+    base = _server_url(url, config)
+    try:
+        response = httpx.get(base + "/pool", timeout=10)
+        response.raise_for_status()
+        models = response.json()["models"]
+    except (httpx.HTTPError, ValueError, KeyError) as exc:
+        console.print(
+            f"[red]error:[/red] no oculo server answered at {base} ({type(exc).__name__}); "
+            "start one with `oculo serve` or name it with --url"
+        )
+        raise typer.Exit(1) from None
+    if as_json:
+        print(json.dumps(models, indent=2))
+        return
+    table = Table(
+        Column("model", no_wrap=True),
+        "engine",
+        "status",
+        Column("upstream", no_wrap=True),
+        "health",
+        "outstanding",
+        "ejected for",
+        "ok / failed",
+        "last error",
+    )
+    for model in models:
+        if not model["upstreams"]:
+            table.add_row(model["id"], model["engine"], model["status"], *["-"] * 6)
+        for up in model["upstreams"]:
+            table.add_row(*_upstream_row(model, up))
+    out.print(table)
+    retried = sum(m["retries"] for m in models)
+    if retried:
+        out.print(f"{retried} request(s) retried on another upstream since the server started.")
 
 
 @app.command()

@@ -21,6 +21,15 @@ A config file looks like::
     # max_tokens = 512            # default completion length when a request names none
     # dtype = "auto"              # or "float32", "bfloat16", ...
     # device = "cpu"
+
+    [[models]]                    # a remote model: a pool of OpenAI-compatible servers
+    id = "google/gemma-3-27b-instruct/bf-16"
+    engine = "remote"
+    upstreams = ["http://vllm-a:8000", "http://vllm-b:8000"]
+    upstream_model = "google/gemma-3-27b-it"    # the name the upstreams know it by
+    upstream_key_env = "VLLM_API_KEY"           # or upstream_key = "..."
+    context_length = 131072
+    # connect_timeout = 5, first_byte_timeout = 120, total_timeout = 600 (seconds)
 """
 
 from __future__ import annotations
@@ -44,17 +53,71 @@ class ModelSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     id: str = Field(min_length=1)
-    engine: Literal["transformers"] = "transformers"
-    path: str = Field(min_length=1)
+    engine: Literal["transformers", "remote"] = "transformers"
+    path: str | None = Field(default=None, min_length=1)  # transformers: the checkpoint
     context_length: int | None = Field(default=None, ge=16)
     max_tokens: int = Field(default=512, ge=1)
     dtype: str = "auto"
     device: str = "cpu"
     description: str = ""
     owned_by: str = "oculo"
-    # sampling for requests that leave it out (unset: OpenAI's default, 1.0)
+    # sampling for requests that leave it out (unset: OpenAI's default, 1.0; a remote model
+    # then sends nothing and the upstream's own generation config decides)
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
+    # remote: a pool of OpenAI-compatible servers (vLLM, SGLang, llama.cpp, Ollama, oculo)
+    upstreams: list[str] = Field(default_factory=list)
+    upstream_model: str | None = Field(default=None, min_length=1)  # else the public id
+    upstream_key: str | None = None  # Bearer key the upstreams expect
+    upstream_key_env: str | None = None  # ... or the environment variable that holds it
+    connect_timeout: float = Field(default=5.0, gt=0)
+    first_byte_timeout: float = Field(default=120.0, gt=0)  # to the first piece of the answer
+    total_timeout: float = Field(default=600.0, gt=0)  # to its end
+    health_interval: float = Field(default=5.0, gt=0)  # seconds between health checks
+    eject_after: int = Field(default=3, ge=1)  # consecutive failures that eject an upstream
+    eject_seconds: float = Field(default=30.0, gt=0)  # its cool-down
+    retries: int = Field(default=2, ge=0)  # other upstreams tried before the first byte
+    max_outstanding: int = Field(default=256, ge=1)  # per upstream; past it: 503 overloaded
+    tokenizer: str | None = None  # remote: tokenizer.json (or its folder) to count prompt text
+
+    @model_validator(mode="after")
+    def _engine_fields(self) -> ModelSpec:
+        if self.engine == "transformers":
+            if self.path is None:
+                raise ValueError(f"model {self.id!r}: a transformers model needs a path")
+            if self.upstreams:
+                raise ValueError(f'model {self.id!r}: upstreams are for engine = "remote"')
+            return self
+        if not self.upstreams:
+            raise ValueError(f"model {self.id!r}: a remote model needs upstreams = [...]")
+        self.upstreams = [_base_url(self.id, url) for url in self.upstreams]
+        if len(set(self.upstreams)) != len(self.upstreams):
+            raise ValueError(f"model {self.id!r}: an upstream is listed twice")
+        if self.upstream_key and self.upstream_key_env:
+            raise ValueError(f"model {self.id!r}: set upstream_key or upstream_key_env, not both")
+        if self.first_byte_timeout > self.total_timeout:
+            raise ValueError(f"model {self.id!r}: first_byte_timeout exceeds total_timeout")
+        return self
+
+    def resolved_upstream_key(self, env: Mapping[str, str] | None = None) -> str | None:
+        """The key sent upstream: `upstream_key`, or the variable `upstream_key_env` names."""
+        if self.upstream_key_env is None:
+            return self.upstream_key
+        value = (os.environ if env is None else env).get(self.upstream_key_env)
+        if not value:
+            raise ConfigError(
+                f"model {self.id!r}: the environment variable {self.upstream_key_env} "
+                "(upstream_key_env) is not set"
+            )
+        return value
+
+
+def _base_url(model_id: str, url: str) -> str:
+    """An upstream's base URL, as given with or without `/v1`: `http://host:port[/prefix]`."""
+    if not url.startswith(("http://", "https://")):
+        raise ValueError(f"model {model_id!r}: upstream {url!r} is not an http(s) URL")
+    base = url.rstrip("/")
+    return base.removesuffix("/v1")
 
 
 class Settings(BaseModel):

@@ -22,6 +22,12 @@ The tree::
      +-- EngineUnavailable          503 server_error           engine_unavailable   (Retry-After)
      +-- EngineError                500 server_error           engine_error
      +-- StorageUnavailable         503 server_error           storage_unavailable  (Retry-After)
+     +-- UpstreamRejected           400 invalid_request_error  upstream_rejected
+     +-- UpstreamError              502 server_error           upstream_error
+     +-- UpstreamTimeout            504 server_error           upstream_timeout
+
+The three `Upstream*` errors belong to remote models (`engine = "remote"`): they say that the
+server oculo forwarded the request to failed or refused it, not oculo itself.
 
 Nothing else in oculo names a status code: routers and middleware raise these, and
 `oculo.api.responses.error_response` turns them into responses.
@@ -167,6 +173,30 @@ class StorageUnavailable(OculoError):
     status = 503
     type = "server_error"
     code = "storage_unavailable"
+
+
+class UpstreamRejected(OculoError):
+    """The upstream server refused the forwarded request (a 4xx other than 408/429)."""
+
+    status = 400
+    type = "invalid_request_error"
+    code = "upstream_rejected"
+
+
+class UpstreamError(OculoError):
+    """The upstream server failed: refused the connection, answered 5xx or nonsense, or hung up."""
+
+    status = 502
+    type = "server_error"
+    code = "upstream_error"
+
+
+class UpstreamTimeout(OculoError):
+    """The upstream server did not connect, start or finish its answer in time."""
+
+    status = 504
+    type = "server_error"
+    code = "upstream_timeout"
 
 
 def from_exception(exc: BaseException) -> OculoError:

@@ -1,6 +1,7 @@
 """The API's limits, applied to a parsed request: the result is an engine-neutral `Prompt`.
 
-After this module nothing sees base64 or raw JSON. Image checks here read headers only
+After this module nothing sees base64 or raw JSON (but for the data URI string each image keeps,
+which only a remote engine reads, to pass it on unchanged). Image checks here read headers only
 (format by magic bytes, width/height/frames, the pixel cap, the image count) and compute the
 token estimate; decoding happens later, off the event loop (`decode_images`).
 """
@@ -12,7 +13,14 @@ from dataclasses import dataclass
 
 from PIL import Image
 
-from oculo.engines.base import ImageSegment, Message, SamplingParams, Segment, TextSegment
+from oculo.engines.base import (
+    ImageSegment,
+    ImageSource,
+    Message,
+    SamplingParams,
+    Segment,
+    TextSegment,
+)
 from oculo.errors import InvalidRequest, TooManyImages, UnsupportedParameter
 from oculo.media import InspectedImage, decode, image_tokens, inspect_image
 from oculo.protocol import ChatCompletionRequest, ImagePart, TextPart
@@ -30,6 +38,18 @@ class PromptImage:
     image: InspectedImage
     detail: str
     tokens: int
+    url: str  # the data URI as sent: a remote engine passes it on unchanged
+
+    def source(self) -> ImageSource:
+        header = self.image.header
+        return ImageSource(
+            data=self.image.data,
+            format=header.format,
+            width=header.width,
+            height=header.height,
+            detail=self.detail,
+            url=self.url,
+        )
 
 
 @dataclass(frozen=True)
@@ -78,8 +98,8 @@ class SamplingDefaults:
     """What a request that leaves `temperature` / `top_p` out gets: OpenAI's 1.0, unless the
     model's catalog entry says otherwise (as a Modelfile's PARAMETER does for Ollama)."""
 
-    temperature: float = 1.0
-    top_p: float = 1.0
+    temperature: float | None = None  # None: OpenAI's 1.0
+    top_p: float | None = None
 
 
 def _sampling(request: ChatCompletionRequest, defaults: SamplingDefaults) -> SamplingParams:
@@ -87,10 +107,18 @@ def _sampling(request: ChatCompletionRequest, defaults: SamplingDefaults) -> Sam
     stops: tuple[str, ...] = (stop,) if isinstance(stop, str) else tuple(stop or ())
     if any(s == "" for s in stops):
         raise InvalidRequest("Stop sequences must not be empty.", param="stop")
+    temperature = defaults.temperature if request.temperature is None else request.temperature
+    top_p = defaults.top_p if request.top_p is None else request.top_p
+    chosen = frozenset(
+        name
+        for name, value in (("temperature", temperature), ("top_p", top_p))
+        if value is not None
+    )
     return SamplingParams(
         max_tokens=request.max_completion_tokens or request.max_tokens,
-        temperature=defaults.temperature if request.temperature is None else request.temperature,
-        top_p=defaults.top_p if request.top_p is None else request.top_p,
+        temperature=1.0 if temperature is None else temperature,
+        top_p=1.0 if top_p is None else top_p,
+        chosen=chosen,
         stop=stops,
         seed=request.seed,
         presence_penalty=request.presence_penalty or 0.0,
@@ -141,7 +169,7 @@ def build_prompt(
                 detail = part.image_url.detail
                 tokens = image_tokens(inspected.header.width, inspected.header.height, detail)
                 segments.append(ImageSegment(len(images)))
-                images.append(PromptImage(param, inspected, detail, tokens))
+                images.append(PromptImage(param, inspected, detail, tokens, part.image_url.url))
         role = "system" if message.role == "developer" else message.role
         messages.append(Message(role=role, content=tuple(segments)))
     return Prompt(

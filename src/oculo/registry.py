@@ -11,7 +11,7 @@ import logging
 from collections.abc import Callable, Sequence
 
 from oculo.config import ModelSpec
-from oculo.engines.base import Engine
+from oculo.engines.base import Engine, Startable
 from oculo.errors import EngineUnavailable, ModelNotFound
 
 log = logging.getLogger("oculo.registry")
@@ -21,7 +21,11 @@ EngineFactory = Callable[[ModelSpec], Engine]
 
 def build_engine(spec: ModelSpec) -> Engine:
     """Construct (and load) the engine a catalog entry names. Blocking."""
-    if spec.engine == "transformers":
+    if spec.engine == "remote":
+        from oculo.engines.remote import RemoteEngine
+
+        return RemoteEngine(spec)
+    if spec.engine == "transformers" and spec.path is not None:
         from oculo.engines.transformers import TransformersEngine
 
         return TransformersEngine(
@@ -63,9 +67,13 @@ class ModelRegistry:
         for model_id, spec in self._specs.items():
             if model_id in self._engines:
                 continue
-            log.info("loading model %s from %s", model_id, spec.path)
+            where = spec.path or ", ".join(spec.upstreams)
+            log.info("loading model %s from %s", model_id, where)
             try:
-                self._engines[model_id] = await asyncio.to_thread(self._factory, spec)
+                engine = await asyncio.to_thread(self._factory, spec)
+                if isinstance(engine, Startable):
+                    await engine.start()  # on this event loop: its background work lives here
+                self._engines[model_id] = engine
             except Exception as exc:  # a broken checkpoint must not take the others down
                 log.exception("model %s failed to load", model_id)
                 self._failed[model_id] = f"{type(exc).__name__}: {exc}"
@@ -97,6 +105,10 @@ class ModelRegistry:
 
     def engine_or_none(self, model_id: str) -> Engine | None:
         return self._engines.get(model_id)
+
+    def engines(self) -> list[Engine]:
+        """The engines loaded so far."""
+        return list(self._engines.values())
 
     def status(self, model_id: str) -> str:
         if model_id in self._engines:

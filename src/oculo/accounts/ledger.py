@@ -35,6 +35,10 @@ class UsageRecord:
     latency_ms: float
     stream: bool
     created_at: datetime
+    # the engine's own counts (a remote model: the upstream's usage), and which upstream answered
+    engine_prompt_tokens: int | None = None
+    engine_completion_tokens: int | None = None
+    upstream: str | None = None
 
 
 BILLED = (200, 499)  # answered, or cut short by the client (billed for what was generated)

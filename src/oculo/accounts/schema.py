@@ -49,6 +49,10 @@ usage = Table(
     Column("stream", Boolean, nullable=False),
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("day", String(10), nullable=False),  # UTC date, YYYY-MM-DD: totals by day anywhere
+    # 0002: the engine's own counts (a remote model: the upstream's usage) and the upstream
+    Column("engine_prompt_tokens", Integer, nullable=True),
+    Column("engine_completion_tokens", Integer, nullable=True),
+    Column("upstream", String(500), nullable=True),
     Index("ix_usage_key_day", "key_id", "day"),
     Index("ix_usage_day", "day"),
 )

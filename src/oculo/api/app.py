@@ -17,7 +17,7 @@ from oculo.accounts.keys import KeyRing, KeyStore
 from oculo.accounts.ledger import Ledger
 from oculo.accounts.limits import open_limiter
 from oculo.accounts.store import database_url, migrate, open_engine, redacted
-from oculo.api import chat, health, metrics, models, usage
+from oculo.api import chat, health, metrics, models, pool_view, usage
 from oculo.api.bodyguard import BodyGuard
 from oculo.api.metrics import Metrics, MetricsMiddleware
 from oculo.api.ratelimit import RateLimitHeaders
@@ -97,6 +97,9 @@ def create_app(settings: Settings, registry: ModelRegistry | None = None) -> Fas
     app.state.limiter = limiter
     app.state.admission = admission = Admission(settings.max_concurrent_requests)
     app.state.metrics = Metrics(in_flight=lambda: admission.in_flight)
+    app.state.metrics.registry.register(
+        pool_view.UpstreamCollector(lambda: pool_view.pools(registry))
+    )
     app.state.limits = Limits(max_images=settings.max_images, max_pixels=settings.max_pixels)
 
     app.add_exception_handler(OculoError, _oculo_error)
@@ -104,7 +107,14 @@ def create_app(settings: Settings, registry: ModelRegistry | None = None) -> Fas
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(Exception, _unexpected)
 
-    routers = (chat.router, models.router, usage.router, health.router, metrics.router)
+    routers = (
+        chat.router,
+        models.router,
+        usage.router,
+        health.router,
+        metrics.router,
+        pool_view.router,
+    )
     for router in routers:
         app.include_router(router)
     app.add_middleware(BodyGuard, max_body_bytes=settings.max_body_bytes)

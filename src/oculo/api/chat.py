@@ -72,6 +72,8 @@ class Run:
     completion_tokens: int = 0
     finish_reason: str | None = None
     engine_prompt_tokens: int | None = None
+    engine_completion_tokens: int | None = None
+    upstream: str | None = None  # a remote model: the server that answered
     image_positions: int | None = None
     admitted_tokens: int = 0  # taken from the key's tokens-per-minute bucket at admission
     settled: bool = False  # counted, billed, and its ledger row written (or attempted)
@@ -81,12 +83,15 @@ class Run:
             self.finish_reason = delta.finish_reason
         if delta.completion_tokens is not None:
             self.completion_tokens = delta.completion_tokens
+            self.engine_completion_tokens = delta.completion_tokens
         elif delta.text:  # until the engine's own count arrives: one per piece of text
             self.completion_tokens += 1
         if delta.prompt_tokens is not None:
             self.engine_prompt_tokens = delta.prompt_tokens
         if delta.image_positions is not None:
             self.image_positions = delta.image_positions
+        if delta.upstream is not None:
+            self.upstream = delta.upstream
 
     def usage(self) -> Usage:
         image = self.prompt.image_tokens
@@ -109,10 +114,7 @@ class Run:
 
 
 def _defaults(spec: ModelSpec) -> SamplingDefaults:
-    return SamplingDefaults(
-        temperature=1.0 if spec.temperature is None else spec.temperature,
-        top_p=1.0 if spec.top_p is None else spec.top_p,
-    )
+    return SamplingDefaults(temperature=spec.temperature, top_p=spec.top_p)
 
 
 async def _prepare(request: Request, account: Account) -> tuple[Run, Engine]:
@@ -137,10 +139,13 @@ async def _prepare(request: Request, account: Account) -> tuple[Run, Engine]:
     return run, engine
 
 
-async def _decode(request: Request, run: Run) -> list[Image.Image]:
+async def _decode(request: Request, run: Run, engine: Engine) -> list[Image.Image]:
+    """Pixels for an engine that runs a model; none for one that forwards the images."""
     limits: Limits = request.app.state.limits
     images = run.prompt.images
-    return await asyncio.to_thread(decode_images, images, limits) if images else []
+    if not images or not engine.info.needs_pixels:
+        return []
+    return await asyncio.to_thread(decode_images, images, limits)
 
 
 async def _start(
@@ -149,7 +154,12 @@ async def _start(
     """Start the engine: its first delta, or the failure to get one."""
     prompt = run.prompt
     generation = GenerationRequest(
-        messages=prompt.messages, images=images, sampling=prompt.sampling, request_id=run.id
+        messages=prompt.messages,
+        images=images,
+        sampling=prompt.sampling,
+        request_id=run.id,
+        sources=[image.source() for image in prompt.images],
+        stream=prompt.stream,
     )
     deltas = engine.generate(generation)
     try:
@@ -161,6 +171,28 @@ async def _start(
         raise
     run.first_delta_at = time.perf_counter()
     return deltas, first
+
+
+async def _start_unless_gone(
+    request: Request, run: Run, engine: Engine, images: list[Image.Image]
+) -> tuple[AsyncIterator[Delta], Delta] | None:
+    """`_start`, abandoned (None) if the client leaves first: an engine's first piece can be
+    slow to come (a queue; a remote engine's whole answer), and no one would read it."""
+    starter = asyncio.ensure_future(_start(run, engine, images))
+    watcher = asyncio.ensure_future(_wait_for_disconnect(request))
+    try:
+        await asyncio.wait({starter, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:
+        starter.cancel()
+        raise
+    finally:
+        watcher.cancel()
+    if starter.done():
+        return starter.result()
+    starter.cancel()  # `_start` closes the engine's stream on its way out
+    with suppress(BaseException):
+        await starter
+    return None
 
 
 def _record(request: Request, run: Run, *, stream: bool) -> None:
@@ -207,6 +239,9 @@ async def _settle(
                 image_tokens=run.prompt.image_tokens,
                 image_positions=run.image_positions,
                 completion_tokens=run.completion_tokens,
+                engine_prompt_tokens=run.engine_prompt_tokens,
+                engine_completion_tokens=run.engine_completion_tokens,
+                upstream=run.upstream,
                 status=status,
                 error_code=error,
                 latency_ms=(time.perf_counter() - run.started) * 1000,
@@ -253,18 +288,24 @@ async def chat_completions(
         ticket.release()
         raise
     try:
-        images = await _decode(request, run)
+        images = await _decode(request, run, engine)
     except BaseException:
         ticket.release()  # refused before the engine (an image that does not decode)
         with anyio.CancelScope(shield=True), suppress(OculoError):
             await ratelimit.settle_tokens(request, account, -run.admitted_tokens)
         raise
     try:
-        deltas, first = await _start(run, engine, images)
+        started = await _start_unless_gone(request, run, engine, images)
     except BaseException as exc:
         ticket.release()
         await _settle_failure(request, run, exc, stream=run.prompt.stream)
         raise
+    if started is None:  # the client left before the first piece of the answer
+        ticket.release()
+        await _settle_failure(request, run, asyncio.CancelledError(), stream=run.prompt.stream)
+        log.info("%s: client disconnected before the answer started", run.id)
+        return Response(status_code=CLIENT_GONE)
+    deltas, first = started
     if run.prompt.stream:
         return _EventStream(request, run, deltas, first, ticket)
     try:

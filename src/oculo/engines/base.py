@@ -4,6 +4,10 @@ Nothing here imports torch. A request reaches an engine as a `GenerationRequest`
 whose content is text and image placeholders, the decoded images (Pillow, RGB, first frame, EXIF
 orientation applied) in the order the placeholders appear, and the sampling parameters. The
 engine yields `Delta`s: text as it is made, then a last one with the finish reason and counts.
+
+An engine that forwards requests rather than running a model (`remote`) says so with
+`EngineInfo.needs_pixels = False`: it is then given no decoded images, only `sources`, the
+checked images as they came (bytes, format, size, detail), which it passes on as data URIs.
 """
 
 from __future__ import annotations
@@ -52,6 +56,21 @@ class SamplingParams:
     seed: int | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    # which of temperature / top_p the request or the model's catalog entry set (the others
+    # are OpenAI's defaults): a remote engine forwards only these
+    chosen: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True)
+class ImageSource:
+    """A checked image as the client sent it: what a forwarding engine passes on."""
+
+    data: bytes
+    format: str  # "png", "jpeg", "gif", "webp": sniffed from the bytes
+    width: int
+    height: int
+    detail: str = "auto"  # "low": to be shrunk to fit 560 x 560 before the model sees it
+    url: str | None = None  # the data URI the client sent, when it can be passed on as it is
 
 
 @dataclass
@@ -60,6 +79,8 @@ class GenerationRequest:
     images: Sequence[Image.Image]
     sampling: SamplingParams = field(default_factory=SamplingParams)
     request_id: str = ""
+    sources: Sequence[ImageSource] = ()  # the same images, undecoded
+    stream: bool = True  # whether the client reads the answer as it comes
 
 
 @dataclass(frozen=True)
@@ -72,6 +93,7 @@ class Delta:
     prompt_tokens: int | None = None
     image_positions: int | None = None
     completion_tokens: int | None = None
+    upstream: str | None = None  # a remote engine: the server that answered
 
 
 @dataclass(frozen=True)
@@ -83,6 +105,7 @@ class EngineInfo:
     created: int = 0
     description: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    needs_pixels: bool = True  # False: `generate` reads `sources`, not decoded `images`
 
 
 @runtime_checkable
@@ -99,3 +122,10 @@ class Engine(Protocol):
         ...
 
     async def close(self) -> None: ...
+
+
+@runtime_checkable
+class Startable(Protocol):
+    """An engine with background work (health checks) to start on the server's event loop."""
+
+    async def start(self) -> None: ...
