@@ -167,6 +167,16 @@ def test_whole_and_streamed_answers_are_relayed_with_oculos_ids_and_usage(
     assert rows[0]["image_tokens"] == 2402
 
 
+def test_answers_read_to_the_end_keep_the_upstream_connection_for_the_next_request() -> None:
+    # a response closed right after its last event (before the chunked body's end) would cost
+    # the next request a new TCP connection to the upstream
+    with stubs(1) as (stub,), oculo(remote(stub.url, health_interval=60)) as base:
+        for stream in (False, True, False, True, False, True):
+            assert ask(base, stream=stream).status_code == 200
+        assert stub.finished == 6
+        assert stub.connections <= 2  # one for the answers (and maybe one for a health check)
+
+
 def test_sampling_is_forwarded_only_when_chosen() -> None:
     with (
         stubs(1) as (stub,),

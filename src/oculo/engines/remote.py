@@ -32,6 +32,7 @@ import math
 import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Sequence
+from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -65,6 +66,7 @@ __all__ = ["RemoteEngine"]
 log = logging.getLogger("oculo.remote")
 
 DEFAULT_CONTEXT = 8192
+_DRAIN_SECONDS = 0.5  # after the last event: how long the rest of the body may take
 _TOKENS_PER_MESSAGE = 4  # role markers and separators, as chat templates add them
 
 
@@ -290,6 +292,24 @@ class _Attempt:
         if self._closed:
             return
         self._closed = True
+        try:
+            if self._ended:
+                await self._drain()
+        finally:
+            await self._release()
+
+    async def _drain(self) -> None:
+        """Read what follows the last event (the end of the chunked body, usually already
+        here): a response read to its end gives its connection back to the pool for the next
+        request, where one closed early would cost a new connection."""
+        if self._chunks is None:
+            return
+        with suppress(Exception):
+            async with asyncio.timeout(_DRAIN_SECONDS):
+                async for _ in self._chunks:
+                    pass
+
+    async def _release(self) -> None:
         try:
             if self._response is not None:
                 await self._response.aclose()

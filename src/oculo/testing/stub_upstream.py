@@ -60,6 +60,7 @@ class StubUpstream:
     received: list[Received] = field(default_factory=list)
     disconnects: int = 0  # clients that left before the end of an answer
     finished: int = 0  # answers sent to the end
+    connections: int = 0  # TCP connections accepted (keep-alive reuse shows as few)
     port: int = 0
     _script: deque[Reply] = field(default_factory=deque)
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
@@ -90,6 +91,7 @@ class StubUpstream:
         return server
 
     async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
         task = asyncio.current_task()
         if task is not None:
             self._tasks.add(task)
