@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 import subprocess
 import sys
@@ -11,7 +12,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from sqlalchemy import text
+from sqlalchemy import event, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from oculo.accounts.keys import PREFIX, KeyRing, KeyStore, key_id_of, new_key
@@ -162,6 +163,40 @@ async def test_ledger_rows_and_totals(engine: AsyncEngine) -> None:
     assert count == 6
     assert row["status"] == 499 and row["error_code"] == "client_disconnected"
     assert row["image_positions"] == 81 and row["stream"] in (False, 0)
+
+
+async def test_ledger_rows_that_arrive_together_share_a_commit(engine: AsyncEngine) -> None:
+    commits: list[int] = []
+    event.listen(engine.sync_engine, "commit", lambda _conn: commits.append(1))
+    ledger = Ledger(engine)
+    # 40 requests finishing together: every one returns only once its row is committed, and
+    # the rows go in a few transactions, not 40
+    await asyncio.gather(*(ledger.record(record(f"g{i}")) for i in range(40)))
+    assert len(commits) < 10
+    assert (await ledger.totals(key_id="k1"))[0].requests == 40
+
+    # one bad row in a batch (a request id written twice) fails its own request only
+    results = await asyncio.gather(
+        ledger.record(record("h0")),
+        ledger.record(record("g3")),
+        *(ledger.record(record(f"h{i}")) for i in range(1, 10)),
+        return_exceptions=True,
+    )
+    assert isinstance(results[1], StorageUnavailable)
+    assert [r for i, r in enumerate(results) if i != 1] == [None] * 10
+    assert (await ledger.totals(key_id="k1"))[0].requests == 50
+
+    # a caller that leaves while its row is being written does not stop the write
+    waiting = asyncio.ensure_future(ledger.record(record("late")))
+    await asyncio.sleep(0)
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    for _ in range(100):
+        if (await ledger.totals(key_id="k1"))[0].requests == 51:
+            break
+        await asyncio.sleep(0.01)
+    assert (await ledger.totals(key_id="k1"))[0].requests == 51
 
 
 def test_processes_starting_together_on_a_new_sqlite_file_take_turns(tmp_path: Path) -> None:

@@ -3,13 +3,21 @@
 `record` returns only once the row is committed (SQLite: on disk, WAL with full sync;
 PostgreSQL: its commit), so a caller that sends the last bytes of a 200 after it has returned
 never answers a request the ledger could lose. A failure to write is `StorageUnavailable`.
+
+Group commit: rows that arrive while a commit is under way wait for it to finish and then go
+together, in one transaction (one fsync) of their own. A lone row is committed at once; under
+load a commit carries as many rows as came in during the one before, so the ledger keeps up
+with any request rate without a timer. A batch that fails is retried row by row, so one bad row
+(a request id written twice) fails only its own request.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import asdict, dataclass
 from datetime import UTC, date, datetime
+from typing import Any
 
 from sqlalchemy import func, insert, select
 from sqlalchemy.exc import SQLAlchemyError
@@ -65,21 +73,53 @@ class UsageTotal:
         return self.prompt_tokens + self.completion_tokens
 
 
+_Waiting = tuple[dict[str, Any], "asyncio.Future[None]"]
+
+
 class Ledger:
     def __init__(self, engine: AsyncEngine) -> None:
         self._engine = engine
+        self._insert = insert(usage)
+        self._waiting: list[_Waiting] = []
+        self._writer: asyncio.Task[None] | None = None
 
     async def record(self, row: UsageRecord) -> None:
+        """Write one row; returns once it is committed (see the module's notes)."""
         values = asdict(row)
         values["day"] = row.created_at.astimezone(UTC).date().isoformat()
-        try:
-            async with self._engine.begin() as conn:
-                await conn.execute(insert(usage).values(**values))
-        except (SQLAlchemyError, OSError) as exc:
-            log.error("%s: usage row not written: %s", row.request_id, type(exc).__name__)
-            raise StorageUnavailable(
-                "The usage ledger is unavailable; the request was not completed.", retry_after=1
-            ) from None
+        committed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        # a caller cancelled while waiting leaves the write to finish; its outcome is not lost
+        # to a "never retrieved" warning
+        committed.add_done_callback(lambda f: f.cancelled() or f.exception())
+        self._waiting.append((values, committed))
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.create_task(self._write_waiting())
+        await asyncio.shield(committed)
+
+    async def _write_waiting(self) -> None:
+        """Commit what is waiting, batch after batch, until nothing is."""
+        while self._waiting:
+            batch, self._waiting = self._waiting, []
+            try:
+                await self._commit([values for values, _ in batch])
+            except (SQLAlchemyError, OSError) as exc:
+                if len(batch) == 1:
+                    _settle(batch[0], exc)
+                    continue
+                for waiting in batch:  # one bad row must not fail the others
+                    try:
+                        await self._commit([waiting[0]])
+                    except (SQLAlchemyError, OSError) as one:
+                        _settle(waiting, one)
+                    else:
+                        _settle(waiting, None)
+            else:
+                for waiting in batch:
+                    _settle(waiting, None)
+
+    async def _commit(self, rows: list[dict[str, Any]]) -> None:
+        async with self._engine.begin() as conn:
+            await conn.execute(self._insert, rows)
 
     async def totals(
         self, *, key_id: str | None = None, since: date | None = None
@@ -122,3 +162,18 @@ class Ledger:
             )
             for row in rows
         ]
+
+
+def _settle(waiting: _Waiting, exc: BaseException | None) -> None:
+    values, committed = waiting
+    if committed.done():
+        return
+    if exc is None:
+        committed.set_result(None)
+        return
+    log.error("%s: usage row not written: %s", values["request_id"], type(exc).__name__)
+    committed.set_exception(
+        StorageUnavailable(
+            "The usage ledger is unavailable; the request was not completed.", retry_after=1
+        )
+    )

@@ -28,7 +28,7 @@ from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
-import httpx
+import aiohttp
 
 from oculo.errors import EngineUnavailable, Overloaded
 
@@ -92,7 +92,7 @@ class UpstreamPool:
         self,
         urls: Collection[str],
         *,
-        client: httpx.AsyncClient,
+        client: Callable[[], aiohttp.ClientSession],
         health_headers: dict[str, str] | None = None,
         health_interval: float = 5.0,
         health_timeout: float = 5.0,
@@ -105,10 +105,10 @@ class UpstreamPool:
             raise ValueError("a pool needs at least one upstream")
         self.upstreams = [Upstream(url=url, index=i + 1) for i, url in enumerate(urls)]
         self.counters = PoolCounters()
-        self._client = client
+        self._client = client  # the engine's connection pool, made in the event loop
         self._health_headers = health_headers or {}
         self._interval = health_interval
-        self._health_timeout = health_timeout
+        self._health_timeout = aiohttp.ClientTimeout(total=health_timeout)
         self._eject_after = eject_after
         self._eject_seconds = eject_seconds
         self._max_outstanding = max_outstanding
@@ -191,22 +191,26 @@ class UpstreamPool:
         reason = None
         try:
             for path in ("/health", "/v1/models"):
-                response = await self._client.get(
+                async with self._client().get(
                     upstream.url + path,
                     headers=self._health_headers,
                     timeout=self._health_timeout,
-                )
-                if response.status_code in (404, 405) and path == "/health":
+                ) as response:
+                    await response.read()  # to the end: the connection can be reused
+                    status = response.status
+                if status in (404, 405) and path == "/health":
                     continue
-                healthy = response.is_success
+                healthy = 200 <= status < 300
                 if not healthy:
-                    reason = f"health check: HTTP {response.status_code} on {path}"
+                    reason = f"health check: HTTP {status} on {path}"
                 break
-        except httpx.TimeoutException as exc:
+        except TimeoutError as exc:
             if upstream.outstanding:  # busy answering: its requests judge it, not this check
                 return upstream.healthy
             reason = f"health check: {type(exc).__name__}"
-        except httpx.HTTPError as exc:
+        except aiohttp.ClientConnectorError as exc:
+            reason = f"health check: cannot connect ({type(exc).__name__})"
+        except aiohttp.ClientError as exc:
             reason = f"health check: {type(exc).__name__}"
         upstream.failed_checks = 0 if healthy else upstream.failed_checks + 1
         if not healthy and upstream.checked and upstream.failed_checks < _CHECKS_TO_FAIL:

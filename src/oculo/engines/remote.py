@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
+import aiohttp
 
 from oculo.config import ModelSpec
 from oculo.engines.base import Delta, EngineInfo, FinishReason, GenerationRequest, Message
@@ -78,41 +78,31 @@ class _Failed(Exception):
     retry: bool
 
 
-# what an attempt can fail with: the upstream's fault, not oculo's
-_EXPECTED = (_Failed, TimeoutError, httpx.TimeoutException, httpx.TransportError, MalformedEvent)
+# what an attempt can fail with: the upstream's fault, not oculo's (aiohttp's timeouts are
+# TimeoutErrors, its connection and protocol failures ClientErrors)
+_EXPECTED = (_Failed, TimeoutError, aiohttp.ClientError, MalformedEvent)
 
 
 class RemoteEngine:
     """`engine = "remote"`: see the module docstring."""
 
-    def __init__(
-        self,
-        spec: ModelSpec,
-        *,
-        transport: httpx.AsyncBaseTransport | None = None,
-    ) -> None:
+    def __init__(self, spec: ModelSpec) -> None:
         self._spec = spec
         self._upstream_model = spec.upstream_model or spec.id
         key = spec.resolved_upstream_key()
         self._headers = {"Content-Type": "application/json"}
         if key:
             self._headers["Authorization"] = f"Bearer {key}"
-        self._client = httpx.AsyncClient(
-            timeout=httpx.Timeout(
-                connect=spec.connect_timeout,
-                read=spec.total_timeout,
-                write=spec.first_byte_timeout,
-                pool=spec.first_byte_timeout,
-            ),
-            limits=httpx.Limits(
-                max_connections=None, max_keepalive_connections=256, keepalive_expiry=30
-            ),
-            transport=transport,
+        # connecting has its own limit here; the first byte and the whole answer are timed by
+        # each attempt (asyncio.timeout), the way the module's notes say
+        self._timeout = aiohttp.ClientTimeout(
+            total=None, connect=spec.connect_timeout, sock_connect=spec.connect_timeout
         )
+        self._session: aiohttp.ClientSession | None = None
         auth = {"Authorization": self._headers["Authorization"]} if key else {}
         self.pool = UpstreamPool(
             spec.upstreams,
-            client=self._client,
+            client=self.session,
             health_headers=auth,
             health_interval=spec.health_interval,
             health_timeout=spec.connect_timeout,
@@ -140,9 +130,20 @@ class RemoteEngine:
     async def start(self) -> None:
         await self.pool.start()
 
+    def session(self) -> aiohttp.ClientSession:
+        """The keep-alive connection pool to the upstreams (made on first use, in the loop)."""
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30),
+                timeout=self._timeout,
+                auto_decompress=False,
+            )
+        return self._session
+
     async def close(self) -> None:
         await self.pool.close()
-        await self._client.aclose()
+        if self._session is not None:
+            await self._session.close()
 
     # -- counting --------------------------------------------------------------------------
 
@@ -235,7 +236,7 @@ class _Attempt:
         self._lease = self._pool.lease(upstream)
         self._lease.__enter__()
         self._deadline = asyncio.get_running_loop().time() + self._spec.total_timeout
-        self._response: httpx.Response | None = None
+        self._response: aiohttp.ClientResponse | None = None
         self._chunks: AsyncIterator[bytes] | None = None
         self._decoder = SSEDecoder()
         self._events: deque[UpstreamEvent] = deque()
@@ -281,7 +282,7 @@ class _Attempt:
         error: OculoError
         if isinstance(exc, _Failed):
             error = exc.error
-        elif isinstance(exc, TimeoutError | httpx.TimeoutException):
+        elif isinstance(exc, TimeoutError):
             error = self._timeout_error(exc)
         else:
             error = self._broken_error(exc)
@@ -312,7 +313,10 @@ class _Attempt:
     async def _release(self) -> None:
         try:
             if self._response is not None:
-                await self._response.aclose()
+                if self._ended:
+                    self._response.release()  # read to its end: the connection is reused
+                else:
+                    self._response.close()  # closes the connection: the upstream stops
         finally:
             self._lease.__exit__(None, None, None)
             if not self._settled:
@@ -322,23 +326,18 @@ class _Attempt:
     # -- the inside -----------------------------------------------------------------------
 
     async def _open(self) -> None:
-        client = self._engine._client
-        request = client.build_request(
-            "POST",
-            self._upstream.url + "/v1/chat/completions",
-            content=self._body,
-            headers=self._headers,
+        response = await self._engine.session().post(
+            self._upstream.url + "/v1/chat/completions", data=self._body, headers=self._headers
         )
-        response = await client.send(request, stream=True)
         self._response = response
-        if response.status_code == 200:
-            self._chunks = response.aiter_bytes()
+        if response.status == 200:
+            self._chunks = response.content.iter_any()
             return
-        raw = await response.aread()
+        raw = await response.read()
         raise self._status_failure(response, raw)
 
-    def _status_failure(self, response: httpx.Response, raw: bytes) -> _Failed:
-        status = response.status_code
+    def _status_failure(self, response: aiohttp.ClientResponse, raw: bytes) -> _Failed:
+        status = response.status
         name = self._upstream.name
         detail = error_message(raw)
         if status == 429:
@@ -378,7 +377,7 @@ class _Attempt:
     def _timeout_error(self, exc: BaseException) -> UpstreamTimeout:
         name = self._upstream.name
         spec = self._spec
-        if isinstance(exc, httpx.ConnectTimeout):
+        if isinstance(exc, aiohttp.ConnectionTimeoutError):
             what = f"could not be reached within {spec.connect_timeout:g} s"
         elif not self._answering:
             what = f"did not start its answer within {spec.first_byte_timeout:g} s"
@@ -390,7 +389,7 @@ class _Attempt:
         name = self._upstream.name
         if isinstance(exc, MalformedEvent):
             what = f"sent {exc}"
-        elif isinstance(exc, httpx.ConnectError):
+        elif isinstance(exc, aiohttp.ClientConnectorError):
             what = "refused the connection"
         else:
             what = f"broke off the answer ({type(exc).__name__})"
