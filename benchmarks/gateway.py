@@ -141,6 +141,12 @@ def start_oculo(stack: ExitStack, port: int, upstream: str, work: Path) -> int:
     return stack.enter_context(process(cmd, f"http://127.0.0.1:{port}/ready", env))
 
 
+def start_bare(stack: ExitStack, port: int) -> int:
+    cmd = [sys.executable, "-m", "uvicorn", "benchmarks.bare_server:app", "--port", str(port),
+           "--log-level", "warning", "--no-access-log"]  # fmt: skip
+    return stack.enter_context(process(cmd, f"http://127.0.0.1:{port}/", {"PYTHONPATH": str(ROOT)}))
+
+
 def start_litellm(stack: ExitStack, port: int, upstream: str, work: Path) -> int:
     config = work / "litellm.yaml"
     config.write_text(
@@ -275,6 +281,35 @@ def floor_ms(body: bytes, rounds: int = 300) -> float:
     return _median_ms(once, rounds)
 
 
+def commit_ms(rounds: int = 60) -> float:
+    """The median wall time of one usage-ledger row committed alone (SQLite in WAL mode with
+    a full fsync, oculo's default): what durability adds to a lone request's latency."""
+    from datetime import UTC, datetime
+
+    from oculo.accounts.ledger import Ledger, UsageRecord
+    from oculo.accounts.store import open_store
+
+    async def run(folder: str) -> list[float]:
+        engine = await open_store(None, folder)
+        ledger = Ledger(engine)
+        times = []
+        for i in range(rounds):
+            row = UsageRecord(
+                request_id=f"bench-{i}", key_id="k", model=MODEL, text_tokens=20,
+                image_tokens=3202, image_positions=None, completion_tokens=8, status=200,
+                error_code=None, latency_ms=1.0, stream=False, created_at=datetime.now(UTC),
+            )  # fmt: skip
+            started = time.perf_counter()
+            await ledger.record(row)
+            times.append(time.perf_counter() - started)
+        ledger.close()
+        await engine.dispose()
+        return times
+
+    with tempfile.TemporaryDirectory(prefix="oculo-commit-") as folder:
+        return statistics.median(asyncio.run(run(folder))[5:]) * 1000
+
+
 def _median_ms(fn: Callable[[], None], rounds: int) -> float:
     for _ in range(20):
         fn()
@@ -289,7 +324,7 @@ def _median_ms(fn: Callable[[], None], rounds: int) -> float:
 # --------------------------------------------------------------------------- the report
 
 
-def report(results: list[Result], floor: float) -> str:
+def report(results: list[Result], floor: float, commit: float | None = None) -> str:
     by = {(r.target, r.clients): r for r in results}
     lines = [
         "| clients | target | p50 ms | p99 ms | added p50 ms | added p99 ms | req/s | CPU ms/req |",
@@ -297,13 +332,13 @@ def report(results: list[Result], floor: float) -> str:
     ]
     for clients in CONCURRENCY:
         stub = by.get(("stub", clients))
-        for target in ("stub", "oculo", "litellm"):
+        for target in ("stub", "bare", "oculo", "litellm"):
             r = by.get((target, clients))
             if r is None or stub is None:
                 continue
             added = (
                 ("-", "-")
-                if target == "stub"
+                if target in ("stub", "bare")
                 else (f"{r.p50_ms - stub.p50_ms:.2f}", f"{r.p99_ms - stub.p99_ms:.2f}")
             )
             cpu = f"{r.cpu_ms:.2f}" if r.cpu_ms is not None else "-"
@@ -313,18 +348,32 @@ def report(results: list[Result], floor: float) -> str:
             )
     lines.append("")
     lines.append(f"Floor (orjson + pybase64 + header probes, in-process): {floor:.3f} ms CPU/req.")
+    bare = [r for r in results if r.target == "bare" and r.cpu_ms is not None]
+    if bare:
+        cpu = ", ".join(f"{r.cpu_ms:.2f} ({r.clients})" for r in bare)
+        lines.append(
+            "A bare ASGI app under uvicorn that only reads the body (`benchmarks/bare_server.py`): "
+            f"{cpu} ms CPU/req (clients): receiving the body over HTTP, before any work."
+        )
+    if commit is not None:
+        lines.append(
+            f"One usage-ledger row committed alone on this disk (SQLite, WAL, full fsync): "
+            f"{commit:.2f} ms wall (median): the durability in oculo's latency at 1 client."
+        )
     lines.append("")
     lines.append("| clients | oculo added p50 / LiteLLM's | oculo req/s / LiteLLM's | "
-                 "oculo CPU / floor | LiteLLM CPU / floor |")  # fmt: skip
-    lines.append("|---|---|---|---|---|")
+                 "oculo CPU / floor | LiteLLM CPU / floor | oculo CPU / bare server |")  # fmt: skip
+    lines.append("|---|---|---|---|---|---|")
     for clients in CONCURRENCY:
         stub, oc, ll = (by.get((t, clients)) for t in ("stub", "oculo", "litellm"))
         if not (stub and oc and ll and oc.cpu_ms and ll.cpu_ms):
             continue
         ratio = (oc.p50_ms - stub.p50_ms) / max(ll.p50_ms - stub.p50_ms, 1e-9)
+        bare_run = by.get(("bare", clients))
+        over_bare = f"x{oc.cpu_ms / bare_run.cpu_ms:.1f}" if bare_run and bare_run.cpu_ms else "-"
         lines.append(
             f"| {clients} | {ratio:.2f} | x{oc.throughput / ll.throughput:.2f} | "
-            f"x{oc.cpu_ms / floor:.1f} | x{ll.cpu_ms / floor:.1f} |"
+            f"x{oc.cpu_ms / floor:.1f} | x{ll.cpu_ms / floor:.1f} | {over_bare} |"
         )
     return "\n".join(lines)
 
@@ -370,13 +419,16 @@ def main() -> None:
     print(f"body: {len(body):,} bytes; {platform.machine()}, {os.cpu_count()} cores, "
           f"Python {platform.python_version()}")  # fmt: skip
     floor = floor_ms(body)
+    commit = commit_ms()
     results: list[Result] = []
     work = Path(tempfile.mkdtemp(prefix="oculo-gateway-"))
     with ExitStack() as stack:
         stub_port, oculo_port, litellm_port = free_port(), free_port(), free_port()
+        bare_port = free_port()
         start_stub(stack, stub_port)
         stub_url = f"http://127.0.0.1:{stub_port}"
         targets: list[tuple[str, int, int | None]] = [("stub", stub_port, None)]
+        targets.append(("bare", bare_port, start_bare(stack, bare_port)))
         targets.append(("oculo", oculo_port, start_oculo(stack, oculo_port, stub_url, work)))
         if not args.skip_litellm:
             if not LITELLM.exists():
@@ -392,7 +444,7 @@ def main() -> None:
                 results.append(result)
     shutil.rmtree(work, ignore_errors=True)
     print()
-    print(report(results, floor))
+    print(report(results, floor, commit))
     if args.json:
         args.json.write_text(json.dumps([asdict(r) for r in results], indent=2))
     if args.plot:

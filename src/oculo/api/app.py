@@ -79,6 +79,7 @@ def create_app(settings: Settings, registry: ModelRegistry | None = None) -> Fas
             loading.cancel()
             await registry.close()
             await limiter.close()
+            app.state.ledger.close()
             await database.dispose()
 
     app = FastAPI(

@@ -369,19 +369,24 @@ class _EventStream(StreamingResponse):
 async def _answer(
     request: Request, run: Run, deltas: AsyncIterator[Delta], first: Delta
 ) -> Response:
-    collector = asyncio.ensure_future(_collect(run, deltas, first))
-    watcher = asyncio.ensure_future(_wait_for_disconnect(request))
-    try:
-        await asyncio.wait({collector, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        watcher.cancel()
-    if not collector.done():  # the client left: stop generating, answer no one
-        collector.cancel()
-        with suppress(BaseException):
-            await collector
-        log.info("%s: client disconnected; generation stopped", run.id)
-        return Response(status_code=CLIENT_GONE)
-    text = collector.result()
+    if first.finish_reason is not None:
+        # the whole answer came at once (a remote engine's, read whole): nothing left to wait
+        # for, so no watch for a client leaving in the meantime either
+        text = await _collect(run, deltas, first)
+    else:
+        collector = asyncio.ensure_future(_collect(run, deltas, first))
+        watcher = asyncio.ensure_future(_wait_for_disconnect(request))
+        try:
+            await asyncio.wait({collector, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watcher.cancel()
+        if not collector.done():  # the client left: stop generating, answer no one
+            collector.cancel()
+            with suppress(BaseException):
+                await collector
+            log.info("%s: client disconnected; generation stopped", run.id)
+            return Response(status_code=CLIENT_GONE)
+        text = collector.result()
     completion = ChatCompletion(
         id=run.id,
         created=run.created,
