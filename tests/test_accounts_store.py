@@ -198,6 +198,22 @@ async def test_ledger_rows_that_arrive_together_share_a_commit(engine: AsyncEngi
     ledger.close()
 
 
+async def test_a_ledger_write_that_fails_unexpectedly_fails_its_requests(
+    engine: AsyncEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ledger = Ledger(engine)
+
+    async def broken(rows: object) -> None:
+        raise RuntimeError("not a database error")
+
+    monkeypatch.setattr(ledger, "_commit", broken)
+    results = await asyncio.wait_for(
+        asyncio.gather(*(ledger.record(record(f"x{i}")) for i in range(3)), return_exceptions=True),
+        timeout=10,
+    )  # every caller gets an answer: none waits for ever
+    assert all(isinstance(r, StorageUnavailable) for r in results)
+
+
 def test_processes_starting_together_on_a_new_sqlite_file_take_turns(tmp_path: Path) -> None:
     """Several `oculo serve` processes started at once on a fresh data folder all come up."""
     go = tmp_path / "go"

@@ -107,16 +107,18 @@ class Ledger:
         """Commit what is waiting, batch after batch, until nothing is."""
         while self._waiting:
             batch, self._waiting = self._waiting, []
+            # any failure (not only the database's) settles every waiting caller: none may
+            # wait for ever on a row that will not be written
             try:
                 await self._commit([values for values, _ in batch])
-            except (SQLAlchemyError, OSError) as exc:
+            except Exception as exc:
                 if len(batch) == 1:
                     _settle(batch[0], exc)
                     continue
                 for waiting in batch:  # one bad row must not fail the others
                     try:
                         await self._commit([waiting[0]])
-                    except (SQLAlchemyError, OSError) as one:
+                    except Exception as one:
                         _settle(waiting, one)
                     else:
                         _settle(waiting, None)

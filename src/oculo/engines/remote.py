@@ -136,7 +136,6 @@ class RemoteEngine:
             self._session = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30),
                 timeout=self._timeout,
-                auto_decompress=False,
             )
         return self._session
 
