@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
 import json
 import os
 import platform
@@ -36,13 +35,12 @@ from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 import httpx
 import orjson
 import pybase64
 
-from benchmarks.request_path import _jpeg
+from benchmarks import request_path
 from oculo.media import probe, sniff_format
 
 KEY = "sk-bench"
@@ -53,25 +51,7 @@ CONCURRENCY = (1, 8, 32)
 
 
 def make_body() -> bytes:
-    images = [_jpeg(960, 720, 0), _jpeg(640, 480, 1)]
-    parts: list[dict[str, Any]] = [
-        {
-            "type": "image_url",
-            "image_url": {"url": "data:image/jpeg;base64," + base64.b64encode(img).decode()},
-        }
-        for img in images
-    ]
-    parts.append({"type": "text", "text": "What differs between these two images?"})
-    return orjson.dumps(
-        {
-            "model": MODEL,
-            "messages": [
-                {"role": "system", "content": "You answer questions about images."},
-                {"role": "user", "content": parts},
-            ],
-            "max_tokens": 64,
-        }
-    )
+    return request_path.make_body(MODEL)
 
 
 # --------------------------------------------------------------------------- the processes

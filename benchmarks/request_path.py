@@ -37,7 +37,8 @@ def _jpeg(width: int, height: int, seed: int) -> bytes:
     return buf.getvalue()
 
 
-def make_body() -> bytes:
+def make_body(model: str = "m") -> bytes:
+    """Two noise JPEGs (960x720, 640x480) as base64 data URIs and a question: about 770 KB."""
     images = [_jpeg(960, 720, 0), _jpeg(640, 480, 1)]
     parts: list[dict[str, object]] = [
         {
@@ -48,7 +49,7 @@ def make_body() -> bytes:
     ]
     parts.append({"type": "text", "text": "What differs between these two images?"})
     body = {
-        "model": "m",
+        "model": model,
         "messages": [
             {"role": "system", "content": "You answer questions about images."},
             {"role": "user", "content": parts},
