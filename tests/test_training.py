@@ -49,6 +49,38 @@ def test_answers_agree_with_the_scene() -> None:
             assert f"{item.color} {item.shape}" in a
 
 
+def test_a_large_scene_drawn_smaller_for_training_is_the_same_picture() -> None:
+    import numpy as np
+    from PIL import Image
+
+    scene = world.Scene(
+        (world.Item("square", "red"), world.Item("star", "blue")), "GO", 1000, 600, "noise"
+    )
+    full, full_labels = world.render_labelled(scene, random.Random(4))
+    small, small_labels = world.render_labelled(scene, random.Random(4), draw_max=250)
+    assert full.size == (1000, 600) and small.size == small_labels.items.size == (250, 150)
+    # the same layout: what lies under each of the model's patches agrees
+    a = patches.targets(scene, full_labels, 128, 16)
+    b = patches.targets(scene, small_labels, 128, 16)
+    assert (a[:2] == b[:2]).float().mean() > 0.95
+    assert [c for c, _ in small_labels.chars] == ["G", "O"]
+
+    # the grain looks the same once both are at the model's input size
+    def grain(size: int, scale: float) -> float:
+        background = world._draw_background(scene, random.Random(1), (size, size), scale)
+        square = background.resize((128, 128), Image.Resampling.BOX)
+        return float(np.asarray(square, dtype=float)[:, :, 0].std())
+
+    assert 0.85 < grain(250, 0.25) / grain(1000, 1.0) < 1.15
+    assert grain(250, 1.0) / grain(1000, 1.0) > 3  # unscaled, it would be four times as coarse
+    # a scene that fits is drawn exactly as without the cap
+    fits = world.Scene((world.Item("circle", "red"),), "HI", 200, 120, "noise")
+    assert (
+        world.render_labelled(fits, random.Random(2), draw_max=250)[0].tobytes()
+        == world.render(fits, random.Random(2)).tobytes()
+    )
+
+
 def test_the_alt_routine_draws_differently() -> None:
     scene = world.sample_scene(random.Random(3), text_rate=1.0)
     plain = world.render(scene, random.Random(3), "train")
@@ -231,7 +263,7 @@ def test_the_tower_warm_up_trains_the_tower_and_not_the_language_model() -> None
     token_heads.attach(model.model.connector)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     args = argparse.Namespace(
-        seed=0, lr=1e-3, batch_size=4, tower_steps=3, char_columns=2, workers=0
+        seed=0, lr=1e-3, batch_size=4, tower_steps=3, char_columns=2, workers=0, draw_max=256
     )
     model.train()
     warm_tower(model, processor, heads, token_heads, args)
@@ -240,3 +272,29 @@ def test_the_tower_warm_up_trains_the_tower_and_not_the_language_model() -> None
     assert any(n.startswith("model.connector.") for n in changed)
     assert not any(n.startswith(("model.text_model.", "lm_head.")) for n in changed)
     assert set(heads.accuracy) == {"shape", "color", "char"}
+
+
+def test_the_trained_models_processor_keeps_the_rows_of_a_wide_image() -> None:
+    """One resize straight to the square: Idefics3's default (fit the longer side, then stretch
+    the shorter one back) would leave a 1,120 x 400 picture 46 rows of detail."""
+    import copy
+
+    import numpy as np
+    from PIL import Image
+
+    from training.train import SIZE, build
+
+    _, processor = build(0)
+    stripes = np.zeros((400, 1120, 3), dtype=np.uint8)
+    stripes[(np.arange(400) // 4) % 2 == 0] = 255  # 4 px stripes: 1.3 rows each at 128 px
+    image = Image.fromarray(stripes)
+
+    def row_contrast(image_processor: object) -> float:
+        pixels = image_processor(images=[[image]], return_tensors="pt")["pixel_values"]  # type: ignore[operator]
+        assert tuple(pixels.shape[-2:]) == (SIZE.image_size, SIZE.image_size)
+        return float(pixels[0, 0, 0].mean(dim=1).std())
+
+    twice = copy.deepcopy(processor.image_processor)
+    twice.do_resize = True
+    assert processor.image_processor.do_resize is False
+    assert row_contrast(processor.image_processor) > 3 * row_contrast(twice)

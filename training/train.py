@@ -70,6 +70,10 @@ def build(seed: int) -> tuple[Any, Any]:
         context_length=SIZE.context_length,
     )
     config, processor = idefics3_parts(tokenizer, SIZE)
+    # One resize, straight to the model's square: Idefics3's default first fits the longer side
+    # to the square and then stretches the shorter one back up, which throws away most of the
+    # rows of a wide image (a 1,120 x 400 picture kept 46 of its rows before the stretch).
+    processor.image_processor.do_resize = False
     torch.manual_seed(seed)
     model: Any = AutoModelForImageTextToText.from_config(config)  # type: ignore[no-untyped-call]
     model.generation_config = GenerationConfig(  # type: ignore[no-untyped-call]
@@ -159,8 +163,10 @@ class Batches(IterableDataset[dict[str, torch.Tensor]]):
         start: int,
         stop: int,
         columns: int,
+        draw_max: int | None = None,
     ) -> None:
         self.processor = processor
+        self.draw_max = draw_max
         self.columns = columns
         self.seed = seed
         self.batch_size = batch_size
@@ -182,7 +188,10 @@ class Batches(IterableDataset[dict[str, torch.Tensor]]):
             # rows of one length pad little, and padding is most of a mixed batch's text.
             turns = 1 if rng.random() >= MULTI_RATE else rng.randint(2, MULTI_TURNS)
             system = rng.random() < SYSTEM_RATE
-            examples = [make_chat(rng, kind, turns=turns, system=system) for kind in kinds]
+            examples = [
+                make_chat(rng, kind, turns=turns, system=system, draw_max=self.draw_max)
+                for kind in kinds
+            ]
             yield collate(examples, self.processor, self.columns)
 
 
@@ -199,7 +208,7 @@ def model_card(params: int, args: argparse.Namespace, minutes: float, loss: floa
         ".venv/bin/python -m training.train --out src/oculo/models/oculo-tiny "
         f"--steps {args.steps} --batch-size {args.batch_size} --lr {args.lr} --seed {args.seed} "
         f"--char-columns {args.char_columns} --{'' if args.token_chars else 'no-'}token-chars "
-        f"--tower-steps {args.tower_steps}"
+        f"--tower-steps {args.tower_steps} --draw-max {args.draw_max}"
     )
     tower = (
         f"Before the whole model, the vision tower and the connector train alone on those "
@@ -239,7 +248,8 @@ images (`oculo serve --model PATH`).
 
 {SIZE}.
 
-The image is resized to {SIZE.image_size}x{SIZE.image_size} px (no tiling), cut in
+The image is resized to {SIZE.image_size}x{SIZE.image_size} px in one step (no tiling; the
+aspect ratio is not kept, and a wide image keeps all {SIZE.image_size} of its rows), cut in
 {SIZE.patch_size} px patches, pixel-shuffled x{SIZE.scale_factor}: {image_tokens} image tokens per
 image. Byte-level BPE tokenizer ({BPE_VOCAB}
 merges trained on the world's questions and answers; capital letters and digits stay single
@@ -252,7 +262,9 @@ tokens so printed words are spelled out), SmolVLM's chat template.
 ```
 
 {args.steps} steps of {args.batch_size} examples ({args.steps * args.batch_size:,} freshly drawn
-examples, none repeated), AdamW (peak lr {args.lr}, warm-up {args.warmup}, cosine),
+examples, none repeated; scenes larger than {args.draw_max} px are drawn at that size, the
+grain scaled to match, which the model cannot tell from a full-size drawing at its input size
+and costs far less), AdamW (peak lr {args.lr}, warm-up {args.warmup}, cosine),
 {"bf16 autocast" if args.bf16 else "float32"}, {minutes:.0f} minutes on {args.threads} CPU threads;
 final training loss {loss:.4f}. Beside the language loss on the answer, the vision tower is
 supervised patch by patch (weight {args.patch_weight}): linear read-outs of its output learn which
@@ -288,7 +300,13 @@ def warm_tower(
     optimizer = torch.optim.AdamW(tower, lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
     loader = DataLoader(
         Batches(
-            processor, f"{args.seed}:tower", args.batch_size, 0, args.tower_steps, args.char_columns
+            processor,
+            f"{args.seed}:tower",
+            args.batch_size,
+            0,
+            args.tower_steps,
+            args.char_columns,
+            args.draw_max or None,
         ),
         batch_size=None,
         num_workers=args.workers,
@@ -362,6 +380,13 @@ def main() -> None:
         help="first train the vision tower and connector alone on the per-patch read-outs for "
         "this many batches (no language model: each step costs a fraction of a full one)",
     )
+    parser.add_argument(
+        "--draw-max",
+        type=int,
+        default=2 * SIZE.image_size,
+        help="draw scenes larger than this many px on their longer side at this size (grain "
+        "scaled to match; 0: draw every scene at its full size)",
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--probe", action="store_true", help="time 20 steps and stop")
@@ -382,7 +407,13 @@ def main() -> None:
     steps = 20 if args.probe else args.steps
     loader = DataLoader(
         Batches(
-            processor, args.seed, args.batch_size, 0, args.stop_after or steps, args.char_columns
+            processor,
+            args.seed,
+            args.batch_size,
+            0,
+            args.stop_after or steps,
+            args.char_columns,
+            args.draw_max or None,
         ),
         batch_size=None,
         num_workers=args.workers,
