@@ -298,3 +298,31 @@ def test_the_trained_models_processor_keeps_the_rows_of_a_wide_image() -> None:
     twice.do_resize = True
     assert processor.image_processor.do_resize is False
     assert row_contrast(processor.image_processor) > 3 * row_contrast(twice)
+
+
+def test_the_look_up_probe_gives_each_image_token_its_objects_words(
+    small_parts: tuple[object, object],
+) -> None:
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    from training.probe_lookup import first_answer_right, symbols
+
+    config, processor = small_parts
+    model = AutoModelForImageTextToText.from_config(config)
+    tokenizer = processor.tokenizer  # type: ignore[attr-defined]
+    table = model.model.text_model.get_input_embeddings().weight
+    red = table[tokenizer(" red", add_special_tokens=False).input_ids].sum(0)
+    star = table[tokenizer(" star", add_special_tokens=False).input_ids].sum(0)
+    background = torch.full((table.shape[1],), 7.0)
+    shape, color = 1 + world.SHAPES.index("star"), 1 + list(world.COLORS).index("red")
+    targets = torch.tensor([[[shape, 0], [color, 0]]])  # one image, two tokens
+    seen = symbols(model, tokenizer, targets, background)
+    assert torch.allclose(seen[0, 0], red + star) and torch.equal(seen[0, 1], background)
+
+    # the first answer is right only if every one of its tokens is; later answers do not count
+    labels = torch.tensor([[-100, 5, 6, -100, 9], [-100, 5, 6, -100, 9]])
+    logits = torch.zeros(2, 5, 10)
+    logits[0, 0, 5] = logits[0, 1, 6] = logits[0, 3, 1] = 1  # row 0: the first answer right
+    logits[1, 0, 5] = logits[1, 1, 2] = logits[1, 3, 9] = 1  # row 1: its second token wrong
+    assert first_answer_right(logits, labels) == [True, False]
