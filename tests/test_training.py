@@ -326,3 +326,23 @@ def test_the_look_up_probe_gives_each_image_token_its_objects_words(
     logits[0, 0, 5] = logits[0, 1, 6] = logits[0, 3, 1] = 1  # row 0: the first answer right
     logits[1, 0, 5] = logits[1, 1, 2] = logits[1, 3, 9] = 1  # row 1: its second token wrong
     assert first_answer_right(logits, labels) == [True, False]
+
+
+def test_the_attention_read_out_wants_the_asked_shapes_image_tokens() -> None:
+    import math
+
+    import torch
+
+    from training.probe_lookup import attention_loss
+
+    image_token = 9
+    ids = torch.tensor([[1, 9, 9, 9, 9, 2, 3, 4]])  # four image tokens, then the question, answer
+    labels = torch.tensor([[-100] * 6 + [4, 4]])  # the answer starts at position 6
+    star, circle = 1 + world.SHAPES.index("star"), 1 + world.SHAPES.index("circle")
+    token_targets = torch.tensor([[[star, star, circle, 0], [1, 1, 2, 0]]])
+    asked = Example("color", None, "What color is the star?", "Red.", [])
+    uniform = torch.full((1, 8, 8), 1 / 8)
+    loss = attention_loss(uniform, ids, labels, token_targets, [asked], image_token)
+    assert loss is not None and math.isclose(float(loss), -math.log(2 / 8), rel_tol=1e-4)
+    absent = Example("color", None, "What color is the star?", "There is no star.", [])
+    assert attention_loss(uniform, ids, labels, token_targets, [absent], image_token) is None

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from training import train, world
-from training.data import make_chat
+from training.data import Example, make_chat
 
 KINDS: dict[world.QuestionType, float] = {
     "describe": 0.3,
@@ -34,6 +34,25 @@ KINDS: dict[world.QuestionType, float] = {
     "color": 0.3,
     "exists": 0.3,
 }
+
+
+def look_up_chat(rng: random.Random, questions: int, image_first: bool = True) -> Example:
+    """One image of two or three shapes and `questions` colour / yes-no questions about it
+    (the first before the image unless `image_first`)."""
+    scene = world.sample_scene(rng)
+    while len(scene.items) < 2:
+        scene = world.sample_scene(rng)
+    asked: list[tuple[str, str]] = []
+    for _ in range(4 * questions):
+        question, answer = world.ask(scene, rng, rng.choice(("color", "exists")))
+        if all(question != q for q, _ in asked):
+            asked.append((question, answer))
+        if len(asked) == questions:
+            break
+    image, labels = world.render_labelled(scene, rng, draw_max=256)
+    (question, answer), *more = asked
+    kind: world.QuestionType = "color" if question.startswith(("What", "Which")) else "exists"
+    return Example(kind, None, question, answer, [image], image_first, [scene], [labels], more)
 
 
 def symbols(
@@ -52,6 +71,31 @@ def symbols(
     shape, color = token_targets[:, 0], token_targets[:, 1]
     drawn = shapes[(shape - 1).clamp(min=0)] + colors[(color - 1).clamp(min=0)]
     return torch.where((shape > 0)[..., None], drawn, background)
+
+
+def attention_loss(
+    attention: torch.Tensor,
+    ids: torch.Tensor,
+    labels: torch.Tensor,
+    token_targets: torch.Tensor,
+    examples: list[Example],
+    image_token: int,
+) -> torch.Tensor | None:
+    """-log of the attention mass one head puts, at the first answer's first token (where the
+    colour is decided), on the image tokens of the shape a colour question asks about.
+
+    `attention` is (rows, positions, positions) of one head; one image per row (look-up chats)."""
+    terms = []
+    for row, example in enumerate(examples):
+        if example.kind != "color" or example.answer.startswith("There") or example.more:
+            continue
+        shape = 1 + world.SHAPES.index(example.question.rstrip("?").split()[-1])
+        at = int((labels[row] != -100).nonzero()[0, 0])
+        image = (ids[row] == image_token).nonzero()[:, 0]
+        asked = image[token_targets[row, 0] == shape]
+        if len(asked):
+            terms.append(-torch.log(attention[row, at, asked].sum() + 1e-6))
+    return torch.stack(terms).mean() if terms else None
 
 
 def first_answer_right(logits: torch.Tensor, labels: torch.Tensor) -> list[bool]:
@@ -76,6 +120,26 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=train.SIZE.layers)
     parser.add_argument("--lr", type=float, default=1.5e-3)
     parser.add_argument("--clean", action="store_true", help="every scene 256 x 256 px")
+    parser.add_argument(
+        "--questions",
+        type=int,
+        default=0,
+        help="instead of the training's chats: this many colour / yes-no questions about each "
+        "image of two or three shapes (more look-up signal a step)",
+    )
+    parser.add_argument(
+        "--text-first",
+        action="store_true",
+        help="with --questions: the first question before the image, so that the image tokens "
+        "can see what is asked (one hop instead of two)",
+    )
+    parser.add_argument(
+        "--attend-weight",
+        type=float,
+        default=0.0,
+        help="with --questions 1: also train the second layer's first head, at the answer, to "
+        "look at the image tokens of the shape a colour question names (weight of that loss)",
+    )
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
 
@@ -86,6 +150,10 @@ def main() -> None:
     model, processor = train.build(0)
     tokenizer = processor.tokenizer
     image_token = model.config.image_token_id
+    if args.attend_weight:
+        if args.questions != 1:
+            parser.error("--attend-weight needs --questions 1 (one image, one question a row)")
+        model.model.text_model.config._attn_implementation = "eager"  # attention weights out
     background = torch.nn.Parameter(torch.randn(train.SIZE.hidden) * 0.02)
     parameters = [*model.model.text_model.parameters(), *model.lm_head.parameters(), background]
     optimizer = torch.optim.AdamW(parameters, lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
@@ -98,7 +166,11 @@ def main() -> None:
             group["lr"] = train.lr_at(step, args.steps, args.lr, 100)
         turns = 1 if rng.random() < 0.5 else rng.randint(2, 4)
         examples = [
-            make_chat(rng, rng.choices(kinds, weights)[0], turns=turns, system=False, draw_max=256)
+            look_up_chat(rng, args.questions, image_first=not args.text_first)
+            if args.questions
+            else make_chat(
+                rng, rng.choices(kinds, weights)[0], turns=turns, system=False, draw_max=256
+            )
             for _ in range(args.batch_size)
         ]
         batch = train.collate(examples, processor)
@@ -109,14 +181,29 @@ def main() -> None:
             (ids == image_token)[..., None], seen.reshape(-1, seen.shape[-1]).to(embedded.dtype)
         )
         out = model(
-            inputs_embeds=embedded, attention_mask=batch["attention_mask"], labels=batch["labels"]
+            inputs_embeds=embedded,
+            attention_mask=batch["attention_mask"],
+            labels=batch["labels"],
+            output_attentions=bool(args.attend_weight),
         )
+        loss = out.loss
+        if args.attend_weight:
+            looked = attention_loss(
+                out.attentions[1][:, 0],
+                ids,
+                batch["labels"],
+                batch["token_targets"],
+                examples,
+                image_token,
+            )
+            if looked is not None:
+                loss = loss + args.attend_weight * looked
         for example, right in zip(
             examples, first_answer_right(out.logits, batch["labels"]), strict=True
         ):
             scores[example.kind].append(right)
         optimizer.zero_grad(set_to_none=True)
-        out.loss.backward()
+        loss.backward()
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)
         optimizer.step()
         if (step + 1) % 100 == 0:
