@@ -190,6 +190,7 @@ def test_a_trained_folder_loads_like_any_checkpoint(
     model = AutoModelForImageTextToText.from_config(config)
     batch = collate([make_example(random.Random(2), kind="pair")], processor)
     target, _ = batch.pop("patch_targets"), batch.pop("token_targets")
+    batch.pop("lookup_query"), batch.pop("lookup_keys")
     heads = patches.PatchHeads(32)
     heads.attach(model.model.vision_model)
     loss = model(**batch).loss
@@ -328,21 +329,106 @@ def test_the_look_up_probe_gives_each_image_token_its_objects_words(
     assert first_answer_right(logits, labels) == [True, False]
 
 
-def test_the_attention_read_out_wants_the_asked_shapes_image_tokens() -> None:
+def test_colour_and_yes_no_questions_name_their_shape_and_nothing_else_does() -> None:
+    from training.lookup import named_shape
+
+    rng = random.Random(11)
+    for _ in range(200):
+        scene = world.sample_scene(rng)
+        for kind in ("describe", "count", "text", "color", "exists"):
+            question, _ = world.ask(scene, rng, kind)
+            named = named_shape(question)
+            if kind in ("color", "exists") and "shapes" not in question:
+                assert named is not None and world.SHAPES[named - 1] in question
+            else:  # (a colour question about a scene of repeated shapes becomes a count)
+                assert named is None
+    assert named_shape("Is there a red star in the image?") == 1 + world.SHAPES.index("star")
+
+
+@pytest.fixture(scope="module")
+def training_size_processor() -> object:
+    """The training's processor (its image size, so 16 image tokens an image) on a small
+    tokenizer."""
+    from training.train import SIZE
+
+    tokenizer = build_tokenizer(
+        "idefics3", tokenizer_corpus(0, n=300), vocab_size=300, isolate=ISOLATE
+    )
+    config, processor = idefics3_parts(tokenizer, SIZE)
+    processor.image_processor.do_resize = False  # type: ignore[attr-defined]
+    return config, processor
+
+
+def test_the_look_up_targets_are_the_named_shapes_image_tokens_where_the_answer_is_decided(
+    training_size_processor: tuple[object, object],
+) -> None:
+    _, processor = training_size_processor
+    tok = processor.tokenizer  # type: ignore[attr-defined]
+    image_token = tok.convert_tokens_to_ids("<image>")
+    rng = random.Random(5)
+    chats = [make_chat(rng, k, turns=3) for k in ("color", "exists", "count")]
+    chats += [make_example(rng, kind="pair"), make_chat(rng, "exists", turns=1)]
+    batch = collate(chats, processor)
+    query, keys = batch["lookup_query"], batch["lookup_keys"]
+    expected = 0
+    image = 0
+    for chat in chats:
+        if len(chat.images) == 1:
+            shapes = batch["token_targets"][image, 0]
+            for question, _ in chat.turns():
+                named = [1 + world.SHAPES.index(w) for w in world.SHAPES if w in question]
+                expected += bool(named) and bool((shapes == named[0]).any())
+        image += len(chat.images)
+    assert len(query) == expected > 0
+    image = {row: sum(len(c.images) for c in chats[:row]) for row in range(len(chats))}
+    for (row, at), mask in zip(query.tolist(), keys, strict=True):
+        assert len(chats[row].images) == 1  # two images: no look-up target
+        # the position that predicts an answer's first token, just before it
+        assert batch["labels"][row, at] == -100 and batch["labels"][row, at + 1] != -100
+        answer_at = tok.decode(batch["input_ids"][row, : at + 1].tolist())
+        question = answer_at.rsplit("User:", 1)[1]
+        shape = [s for s in world.SHAPES if s in question]
+        assert len(shape) == 1
+        # exactly the image tokens whose label is that shape
+        marked = mask.nonzero()[:, 0]
+        assert bool((batch["input_ids"][row, marked] == image_token).all())
+        where = (batch["input_ids"][row] == image_token).nonzero()[:, 0]
+        labels = batch["token_targets"][image[row], 0]
+        wanted = where[labels == 1 + world.SHAPES.index(shape[0])]
+        assert marked.tolist() == wanted.tolist()
+
+
+def test_the_look_up_loss_is_the_attention_mass_on_the_named_shape_and_trains_that_head(
+    training_size_processor: tuple[object, object],
+) -> None:
     import math
 
     import torch
+    from transformers import AutoModelForImageTextToText
 
-    from training.probe_lookup import attention_loss
+    from training import lookup
 
-    image_token = 9
-    ids = torch.tensor([[1, 9, 9, 9, 9, 2, 3, 4]])  # four image tokens, then the question, answer
-    labels = torch.tensor([[-100] * 6 + [4, 4]])  # the answer starts at position 6
-    star, circle = 1 + world.SHAPES.index("star"), 1 + world.SHAPES.index("circle")
-    token_targets = torch.tensor([[[star, star, circle, 0], [1, 1, 2, 0]]])
-    asked = Example("color", None, "What color is the star?", "Red.", [])
     uniform = torch.full((1, 8, 8), 1 / 8)
-    loss = attention_loss(uniform, ids, labels, token_targets, [asked], image_token)
+    keys = torch.tensor([[False, True, True, False, False, False, False, False]])
+    loss = lookup.attention_loss(uniform, torch.tensor([[0, 5]]), keys)
     assert loss is not None and math.isclose(float(loss), -math.log(2 / 8), rel_tol=1e-4)
-    absent = Example("color", None, "What color is the star?", "There is no star.", [])
-    assert attention_loss(uniform, ids, labels, token_targets, [absent], image_token) is None
+    assert lookup.attention_loss(uniform, torch.zeros(0, 2, dtype=torch.long), keys[:0]) is None
+
+    config, processor = training_size_processor
+    torch.manual_seed(0)
+    model = AutoModelForImageTextToText.from_config(config)
+    model.model.text_model.config._attn_implementation = "eager"
+    chats = [make_chat(random.Random(k), "color", turns=2) for k in range(4)]
+    batch = collate(chats, processor)
+    query, keys = batch.pop("lookup_query"), batch.pop("lookup_keys")
+    for name in ("patch_targets", "token_targets"):
+        batch.pop(name)
+    out = model(**batch, output_attentions=True)
+    looked = lookup.attention_loss(out.attentions[lookup.LAYER][:, lookup.HEAD], query, keys)
+    assert looked is not None and 0 < float(looked.detach()) < 20
+    looked.backward()
+    layer = model.model.text_model.layers[lookup.LAYER].self_attn
+    head_dim = layer.head_dim
+    assert layer.q_proj.weight.grad[:head_dim].abs().sum() > 0  # the supervised head learns
+    assert layer.q_proj.weight.grad[head_dim:].abs().sum() == 0  # the others are left alone
+    assert model.model.vision_model.embeddings.patch_embedding.weight.grad.abs().sum() > 0

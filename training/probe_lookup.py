@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from training import train, world
+from training import lookup, train, world
 from training.data import Example, make_chat
 
 KINDS: dict[world.QuestionType, float] = {
@@ -73,31 +73,6 @@ def symbols(
     return torch.where((shape > 0)[..., None], drawn, background)
 
 
-def attention_loss(
-    attention: torch.Tensor,
-    ids: torch.Tensor,
-    labels: torch.Tensor,
-    token_targets: torch.Tensor,
-    examples: list[Example],
-    image_token: int,
-) -> torch.Tensor | None:
-    """-log of the attention mass one head puts, at the first answer's first token (where the
-    colour is decided), on the image tokens of the shape a colour question asks about.
-
-    `attention` is (rows, positions, positions) of one head; one image per row (look-up chats)."""
-    terms = []
-    for row, example in enumerate(examples):
-        if example.kind != "color" or example.answer.startswith("There") or example.more:
-            continue
-        shape = 1 + world.SHAPES.index(example.question.rstrip("?").split()[-1])
-        at = int((labels[row] != -100).nonzero()[0, 0])
-        image = (ids[row] == image_token).nonzero()[:, 0]
-        asked = image[token_targets[row, 0] == shape]
-        if len(asked):
-            terms.append(-torch.log(attention[row, at, asked].sum() + 1e-6))
-    return torch.stack(terms).mean() if terms else None
-
-
 def first_answer_right(logits: torch.Tensor, labels: torch.Tensor) -> list[bool]:
     """Per row: is every token of the first answer (the first run of labelled tokens) right?"""
     right = []
@@ -137,8 +112,9 @@ def main() -> None:
         "--attend-weight",
         type=float,
         default=0.0,
-        help="with --questions 1: also train the second layer's first head, at the answer, to "
-        "look at the image tokens of the shape a colour question names (weight of that loss)",
+        help="also train one head of the language model (`training.lookup`), where an answer "
+        "is decided, to look at the image tokens of the shape its question names (weight of "
+        "that loss)",
     )
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
@@ -151,8 +127,6 @@ def main() -> None:
     tokenizer = processor.tokenizer
     image_token = model.config.image_token_id
     if args.attend_weight:
-        if args.questions != 1:
-            parser.error("--attend-weight needs --questions 1 (one image, one question a row)")
         model.model.text_model.config._attn_implementation = "eager"  # attention weights out
     background = torch.nn.Parameter(torch.randn(train.SIZE.hidden) * 0.02)
     parameters = [*model.model.text_model.parameters(), *model.lm_head.parameters(), background]
@@ -188,13 +162,10 @@ def main() -> None:
         )
         loss = out.loss
         if args.attend_weight:
-            looked = attention_loss(
-                out.attentions[1][:, 0],
-                ids,
-                batch["labels"],
-                batch["token_targets"],
-                examples,
-                image_token,
+            looked = lookup.attention_loss(
+                out.attentions[lookup.LAYER][:, lookup.HEAD],
+                batch["lookup_query"],
+                batch["lookup_keys"],
             )
             if looked is not None:
                 loss = loss + args.attend_weight * looked

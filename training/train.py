@@ -24,7 +24,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset
 
 from oculo.testing.checkpoints import Size, build_tokenizer, idefics3_parts
-from training import patches, world
+from training import lookup, patches, world
 from training.data import MULTI_RATE, MULTI_TURNS, SYSTEM_RATE, TRAIN_MIX, Example, make_chat
 
 SIZE = Size(
@@ -130,24 +130,32 @@ def collate(
     batch = processor(text=texts, images=images, return_tensors="pt", padding=True)
     cue = tokenizer("Assistant:", add_special_tokens=False).input_ids
     labels = torch.full_like(batch["input_ids"], -100)
+    starts: list[list[int]] = []
     for i, spans in enumerate(answers):
         row = batch["input_ids"][i].tolist()
-        for start, answer in zip(_answer_spans(row, spans, cue), spans, strict=True):
+        starts.append(_answer_spans(row, spans, cue))
+        for start, answer in zip(starts[-1], spans, strict=True):
             labels[i, start : start + len(answer)] = batch["input_ids"][
                 i, start : start + len(answer)
             ]
     batch["labels"] = labels
     out = dict(batch)
     drawn = [pair for ex in examples for pair in zip(ex.scenes, ex.labels, strict=True)]
-    token = SIZE.patch_size * SIZE.scale_factor  # an image token covers scale x scale patches
     out["patch_targets"] = torch.stack(
         [
             patches.targets(scene, label, SIZE.image_size, SIZE.patch_size, columns)
             for scene, label in drawn
         ]
     )
+    # an image token covers scale x scale patches: its grid, from the processor that made it
+    side = processor.image_processor.max_image_size["longest_edge"]
+    token = side // math.isqrt(processor.image_seq_len)
     out["token_targets"] = torch.stack(
-        [patches.targets(scene, label, SIZE.image_size, token, columns) for scene, label in drawn]
+        [patches.targets(scene, label, side, token, columns) for scene, label in drawn]
+    )
+    image_token = tokenizer.convert_tokens_to_ids("<image>")
+    out["lookup_query"], out["lookup_keys"] = lookup.targets(
+        examples, batch["input_ids"], starts, out["token_targets"], image_token
     )
     return out
 
@@ -208,7 +216,18 @@ def model_card(params: int, args: argparse.Namespace, minutes: float, loss: floa
         ".venv/bin/python -m training.train --out src/oculo/models/oculo-tiny "
         f"--steps {args.steps} --batch-size {args.batch_size} --lr {args.lr} --seed {args.seed} "
         f"--char-columns {args.char_columns} --{'' if args.token_chars else 'no-'}token-chars "
-        f"--tower-steps {args.tower_steps} --draw-max {args.draw_max}"
+        f"--tower-steps {args.tower_steps} --draw-max {args.draw_max} "
+        f"--attend-weight {args.attend_weight}"
+    )
+    look_up = (
+        'When a question names a shape ("What color is the triangle?", "Is there a green '
+        'square?"), one attention head of the language model (layer '
+        f"{lookup.LAYER + 1}, head {lookup.HEAD + 1}) is also trained, at the position that "
+        "decides the answer, to look at the image tokens of that shape (weight "
+        f"{args.attend_weight}; `training/lookup.py`): a nudge towards the look-up the answer "
+        "needs, which the language loss alone does not teach in an hour. "
+        if args.attend_weight
+        else ""
     )
     tower = (
         f"Before the whole model, the vision tower and the connector train alone on those "
@@ -271,7 +290,7 @@ supervised patch by patch (weight {args.patch_weight}): linear read-outs of its 
 shape and colour lies under each patch and which printed character under each of its
 {args.char_columns} vertical strips, and read-outs of the connector's image tokens the same for
 each token ({"shape, colour and characters" if args.token_chars else "shape and colour"};
-`training/patches.py`). {tower}The read-outs are a training aid and are not saved: the checkpoint
+`training/patches.py`). {tower}{look_up}These are training aids, not saved: the checkpoint
 is a plain Idefics3 model. Half the training batches are chats of several questions about one
 image; the rows of a batch share one layout (one question or several, with or without a system
 message), so that they pad to similar lengths.
@@ -341,6 +360,9 @@ def warm_tower(
 
 def save(model: Any, processor: Any, folder: Path) -> None:
     model.eval()
+    # the look-up loss trains on the eager attention; the checkpoint keeps the default
+    model.model.text_model.config._attn_implementation = "sdpa"
+
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
@@ -387,6 +409,14 @@ def main() -> None:
         help="draw scenes larger than this many px on their longer side at this size (grain "
         "scaled to match; 0: draw every scene at its full size)",
     )
+    parser.add_argument(
+        "--attend-weight",
+        type=float,
+        default=0.0,
+        help="weight of the look-up loss (`training/lookup.py`): one attention head of the "
+        "language model, where a colour or yes/no answer is decided, trained to look at the "
+        "image tokens of the shape the question names (0: off)",
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--probe", action="store_true", help="time 20 steps and stop")
@@ -429,6 +459,8 @@ def main() -> None:
     optimizer = torch.optim.AdamW(
         [*model.parameters(), *aids], lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98)
     )
+    if args.attend_weight:  # attention weights are only returned by the eager implementation
+        model.model.text_model.config._attn_implementation = "eager"
     model.train()
     started = time.perf_counter()
     if args.tower_steps and not args.probe:
@@ -436,16 +468,26 @@ def main() -> None:
     looping = time.perf_counter()  # the whole model's steps/s leave the warm-up out
     window: list[float] = []
     patch_window: list[float] = []
+    look_window: list[float] = []
     log: list[dict[str, float]] = []
     for step, batch in enumerate(loader):
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, steps, args.lr, args.warmup)
         target, token_target = batch.pop("patch_targets"), batch.pop("token_targets")
+        query, keys = batch.pop("lookup_query"), batch.pop("lookup_keys")
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
-            loss = model(**batch).loss
+            out = model(**batch, output_attentions=bool(args.attend_weight))
+            loss = out.loss
             seen = (heads.loss(target) + token_heads.loss(token_target)) / 2
+            total = loss + args.patch_weight * seen
+            if args.attend_weight:
+                attention = out.attentions[lookup.LAYER][:, lookup.HEAD]
+                looked = lookup.attention_loss(attention, query, keys)
+                if looked is not None:
+                    total = total + args.attend_weight * looked
+                    look_window.append(math.exp(-looked.item()))
         optimizer.zero_grad(set_to_none=True)
-        (loss + args.patch_weight * seen).backward()
+        total.backward()
         torch.nn.utils.clip_grad_norm_([*model.parameters(), *aids], 1.0)
         optimizer.step()
         window.append(loss.item())
@@ -454,16 +496,19 @@ def main() -> None:
             elapsed = time.perf_counter() - started
             mean = sum(window) / len(window)
             patch_mean = sum(patch_window) / len(patch_window)
-            window.clear()
-            patch_window.clear()
-            log.append(
-                {"step": step + 1, "loss": mean, "patch_loss": patch_mean, "minutes": elapsed / 60}
-            )
             read = " ".join(
                 f"{where}.{k} {v:.2f}"
                 for where, h in (("patch", heads), ("token", token_heads))
                 for k, v in h.accuracy.items()
             )
+            window.clear()
+            patch_window.clear()
+            entry = {"step": step + 1, "loss": mean, "patch_loss": patch_mean}
+            if look_window:  # the geometric mean of the attention mass on the asked shape
+                entry["look"] = sum(look_window) / len(look_window)
+                read += f" look {entry['look']:.2f}"
+                look_window.clear()
+            log.append({**entry, "minutes": elapsed / 60})
             print(
                 f"step {step + 1}/{steps} loss {mean:.4f} patches {patch_mean:.4f} ({read}) "
                 f"{(step + 1) / (time.perf_counter() - looping):.2f} steps/s "
