@@ -140,3 +140,24 @@ def test_oculo_serve_with_no_arguments_answers_the_seed_example(tmp_path: Path) 
     finally:
         proc.terminate()
         proc.wait(timeout=15)
+
+
+def test_the_look_up_diagnostic_asks_each_shapes_colour_and_both_yes_no_answers() -> None:
+    from training.evaluate import _plain_scene, lookups
+
+    for seed in range(20):
+        scene = _plain_scene(random.Random(seed))
+        assert len({i.shape for i in scene.items}) == len({i.color for i in scene.items}) == 3
+    report = asyncio.run(lookups(PACKAGED, 3, seed=0))
+    assert report["scenes"] == 3
+    # each a share of 9 colour questions, of 3 scenes, or of 6 yes/no questions
+    for key, questions in (
+        ("colour_right", 9),
+        ("one_colour_for_all_three", 3),
+        ("yes_no_right", 6),
+        ("said_yes", 6),
+    ):
+        share = report[key] * questions
+        assert 0 <= report[key] <= 1 and abs(share - round(share)) < 0.01, (key, report)
+    # a yes/no answer that is neither yes nor no is wrong: right answers <= those said + not said
+    assert report["yes_no_right"] <= 0.5 + min(report["said_yes"], 0.5)

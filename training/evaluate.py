@@ -9,6 +9,12 @@ Two sets, both drawn from seeds the training never uses:
 Answers come from the real serving path: images are sent through oculo's media code (data URI,
 sniffing, header probe, Pillow decode) and answered by `TransformersEngine` with greedy decoding.
 With `--card`, the table is written into the checkpoint's model card (README.md).
+
+`--lookups N` adds a diagnostic of the two question types that need a look-up: N plain scenes of
+three different shapes in three different colours, each shape's colour asked, and "Is there ...?"
+once for a pair that is there and once for its colour on another shape. A model that does not look
+the named shape up names one colour for all three and says one word to every yes/no question:
+the report counts both.
 """
 
 from __future__ import annotations
@@ -100,6 +106,53 @@ async def evaluate(model: Path, n: int, seed: int) -> dict[str, Any]:
     return {"accuracy": results, "n": n, "seed": seed, "mistakes": dict(mistakes)}
 
 
+def _plain_scene(rng: random.Random) -> world.Scene:
+    shapes = rng.sample(world.SHAPES, 3)
+    colors = rng.sample(list(world.COLORS), 3)
+    items = tuple(world.Item(s, c) for s, c in zip(shapes, colors, strict=True))
+    return world.Scene(items, None, 256, 256, "plain")
+
+
+async def lookups(model: Path, n: int, seed: int) -> dict[str, Any]:
+    """The look-up diagnostic (see the module's docstring)."""
+    from oculo.engines.transformers import TransformersEngine
+
+    engine = TransformersEngine(model, model_id="eval")
+    rng = random.Random(f"lookups:{seed}")
+    colours = one_colour = yes_no = said_yes = 0
+    try:
+        for _ in range(n):
+            scene = _plain_scene(rng)
+            image = world.render(scene, rng)
+            named = set()
+            for item in scene.items:
+                example = Example("color", None, f"What color is the {item.shape}?", "", [image])
+                got = world.normalize(await answer(engine, example, [image]))
+                colours += got == item.color
+                named.add(got)
+            one_colour += len(named) == 1
+            present = scene.items[rng.randrange(3)]
+            other = next(i for i in scene.items if i is not present)
+            for color, shape, want in (
+                (present.color, present.shape, "yes"),
+                (present.color, other.shape, "no"),
+            ):
+                question = f"Is there {'an' if color[0] in 'aeiou' else 'a'} {color} {shape}?"
+                example = Example("exists", None, question, "", [image])
+                got = world.normalize(await answer(engine, example, [image]))
+                yes_no += got == want
+                said_yes += got == "yes"
+    finally:
+        await engine.close()
+    return {
+        "scenes": n,
+        "colour_right": round(colours / (3 * n), 3),
+        "one_colour_for_all_three": round(one_colour / n, 3),
+        "yes_no_right": round(yes_no / (2 * n), 3),
+        "said_yes": round(said_yes / (2 * n), 3),
+    }
+
+
 def table(report: dict[str, Any]) -> str:
     sets = list(report["accuracy"])
     lines = [
@@ -133,11 +186,20 @@ def main() -> None:
     parser.add_argument("--card", action="store_true", help="write the table into README.md")
     parser.add_argument("--json", type=Path, help="write the whole report here")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (1 beside training)")
+    parser.add_argument(
+        "--lookups",
+        type=int,
+        default=0,
+        help="only the look-up diagnostic, on this many three-shape scenes (see above)",
+    )
     args = parser.parse_args()
     import torch
 
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
+    if args.lookups:
+        print(json.dumps(asyncio.run(lookups(args.model, args.lookups, args.seed)), indent=1))
+        return
     report = asyncio.run(evaluate(args.model, args.n, args.seed))
     report["seconds"] = round(time.perf_counter() - started, 1)
     print(table(report))
