@@ -190,7 +190,7 @@ def test_a_trained_folder_loads_like_any_checkpoint(
     model = AutoModelForImageTextToText.from_config(config)
     batch = collate([make_example(random.Random(2), kind="pair")], processor)
     target, _ = batch.pop("patch_targets"), batch.pop("token_targets")
-    batch.pop("lookup_query"), batch.pop("lookup_keys")
+    batch.pop("lookup_query"), batch.pop("lookup_keys"), batch.pop("lookup_colour")
     heads = patches.PatchHeads(32)
     heads.attach(model.model.vision_model)
     loss = model(**batch).loss
@@ -369,7 +369,7 @@ def test_the_look_up_targets_are_the_named_shapes_image_tokens_where_the_answer_
     chats = [make_chat(rng, k, turns=3) for k in ("color", "exists", "count")]
     chats += [make_example(rng, kind="pair"), make_chat(rng, "exists", turns=1)]
     batch = collate(chats, processor)
-    query, keys = batch["lookup_query"], batch["lookup_keys"]
+    query, keys, colour = batch["lookup_query"], batch["lookup_keys"], batch["lookup_colour"]
     expected = 0
     image = 0
     for chat in chats:
@@ -381,7 +381,7 @@ def test_the_look_up_targets_are_the_named_shapes_image_tokens_where_the_answer_
         image += len(chat.images)
     assert len(query) == expected > 0
     image = {row: sum(len(c.images) for c in chats[:row]) for row in range(len(chats))}
-    for (row, at), mask in zip(query.tolist(), keys, strict=True):
+    for (row, at), mask, named in zip(query.tolist(), keys, colour.tolist(), strict=True):
         assert len(chats[row].images) == 1  # two images: no look-up target
         # the position that predicts an answer's first token, just before it
         assert batch["labels"][row, at] == -100 and batch["labels"][row, at + 1] != -100
@@ -396,6 +396,9 @@ def test_the_look_up_targets_are_the_named_shapes_image_tokens_where_the_answer_
         labels = batch["token_targets"][image[row], 0]
         wanted = where[labels == 1 + world.SHAPES.index(shape[0])]
         assert marked.tolist() == wanted.tolist()
+        # and the colour of that shape, unless two of them differ
+        colours = {i.color for i in chats[row].scenes[0].items if i.shape == shape[0]}
+        assert named == (list(world.COLORS).index(colours.pop()) if len(colours) == 1 else -100)
 
 
 def test_the_look_up_loss_is_the_attention_mass_on_the_named_shape_and_trains_that_head(
@@ -421,14 +424,28 @@ def test_the_look_up_loss_is_the_attention_mass_on_the_named_shape_and_trains_th
     chats = [make_chat(random.Random(k), "color", turns=2) for k in range(4)]
     batch = collate(chats, processor)
     query, keys = batch.pop("lookup_query"), batch.pop("lookup_keys")
+    colour = batch.pop("lookup_colour")
     for name in ("patch_targets", "token_targets"):
         batch.pop(name)
-    out = model(**batch, output_attentions=True)
+    out = model(**batch, output_attentions=True, output_hidden_states=True)
     looked = lookup.attention_loss(out.attentions[lookup.LAYER][:, lookup.HEAD], query, keys)
     assert looked is not None and 0 < float(looked.detach()) < 20
-    looked.backward()
+    looked.backward(retain_graph=True)  # the colour read-out below uses it too
     layer = model.model.text_model.layers[lookup.LAYER].self_attn
     head_dim = layer.head_dim
     assert layer.q_proj.weight.grad[:head_dim].abs().sum() > 0  # the supervised head learns
     assert layer.q_proj.weight.grad[head_dim:].abs().sum() == 0  # the others are left alone
     assert model.model.vision_model.embeddings.patch_embedding.weight.grad.abs().sum() > 0
+
+    # the colour read-out: from the output of the supervised head's layer, at the same positions
+    model.zero_grad(set_to_none=True)
+    readout = lookup.ColourReadout(model.config.text_config.hidden_size)
+    named = readout.loss(out.hidden_states[lookup.LAYER + 1], query, colour)
+    assert named is not None and readout.accuracy is not None and 0 <= readout.accuracy <= 1
+    named.backward()
+    layers = model.model.text_model.layers
+    assert layers[lookup.LAYER].mlp.down_proj.weight.grad.abs().sum() > 0
+    assert layers[lookup.LAYER + 1].mlp.down_proj.weight.grad is None  # a later layer: untouched
+    # nothing to read where every named shape's colour is ambiguous
+    ignored = torch.full_like(colour, lookup.IGNORE)
+    assert readout.loss(out.hidden_states[lookup.LAYER + 1], query, ignored) is None

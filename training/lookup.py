@@ -21,6 +21,7 @@ from training.data import Example
 
 LAYER = 1  # the language model's second layer: the first can gather the question's words
 HEAD = 0
+IGNORE = -100
 
 
 def named_shape(question: str) -> int | None:
@@ -37,7 +38,7 @@ def targets(
     starts: list[list[int]],
     token_targets: torch.Tensor,
     image_token: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Where to look, for every answer to a question that names a shape present in its image.
 
     `starts[row]` are the positions where the row's answers begin (one per turn, in order);
@@ -46,10 +47,13 @@ def targets(
 
     Returns `query` (n, 2): the row, and the position whose output predicts the answer's first
     token (the one before it); and `keys` (n, positions): the image tokens of the named shape in
-    that row. Questions about two images, or about a shape the image lacks (or shows too small to
-    cover an image token), give none."""
+    that row; and `colour` (n,): the index in `world.COLORS` of the named shape's colour, or -100
+    (ignored) where two shapes of that kind differ in colour. Questions about two images, or about
+    a shape the image lacks (or shows too small to cover an image token), give none."""
     queries: list[tuple[int, int]] = []
     keys: list[torch.Tensor] = []
+    colours: list[int] = []
+    names = list(world.COLORS)
     image = 0
     for row, example in enumerate(examples):
         first, count = image, len(example.images)
@@ -68,11 +72,19 @@ def targets(
             mask[where[shapes == shape]] = True
             queries.append((row, start - 1))
             keys.append(mask)
+            kinds = {i.color for i in example.scenes[0].items if i.shape == world.SHAPES[shape - 1]}
+            colours.append(names.index(kinds.pop()) if len(kinds) == 1 else IGNORE)
     if not queries:
-        return torch.zeros(0, 2, dtype=torch.long), torch.zeros(
-            0, input_ids.shape[1], dtype=torch.bool
+        return (
+            torch.zeros(0, 2, dtype=torch.long),
+            torch.zeros(0, input_ids.shape[1], dtype=torch.bool),
+            torch.zeros(0, dtype=torch.long),
         )
-    return torch.tensor(queries, dtype=torch.long), torch.stack(keys)
+    return (
+        torch.tensor(queries, dtype=torch.long),
+        torch.stack(keys),
+        torch.tensor(colours, dtype=torch.long),
+    )
 
 
 def attention_loss(
@@ -86,3 +98,28 @@ def attention_loss(
     weights = attention[query[:, 0], query[:, 1]]  # (n, positions)
     mass = (weights * keys.to(weights.dtype)).sum(-1)
     return -torch.log(mass + 1e-6).mean()
+
+
+class ColourReadout(torch.nn.Module):
+    """A linear read-out of the named shape's colour from the hidden state where the answer is
+    decided, after the supervised head's layer: for "Is there a green square?" the model must
+    compare the square's colour with the one asked, and this keeps the looked-up colour there to
+    compare. A training aid: not saved."""
+
+    def __init__(self, hidden: int) -> None:
+        super().__init__()
+        self.head = torch.nn.Linear(hidden, len(world.COLORS))
+        self.accuracy: float | None = None
+
+    def loss(
+        self, hidden_states: torch.Tensor, query: torch.Tensor, colour: torch.Tensor
+    ) -> torch.Tensor | None:
+        """Cross-entropy of the read-out at each `query` position of `hidden_states` (rows,
+        positions, hidden: the output of layer `LAYER`); None when nothing asks."""
+        keep = colour != IGNORE
+        if not bool(keep.any()):
+            return None
+        seen = hidden_states[query[keep, 0], query[keep, 1]].float()
+        logits = self.head(seen)
+        self.accuracy = (logits.argmax(-1) == colour[keep]).float().mean().item()
+        return torch.nn.functional.cross_entropy(logits, colour[keep])

@@ -116,6 +116,13 @@ def main() -> None:
         "is decided, to look at the image tokens of the shape its question names (weight of "
         "that loss)",
     )
+    parser.add_argument(
+        "--colour-weight",
+        type=float,
+        default=0.0,
+        help="also read the named shape's colour out where the answer is decided "
+        "(`lookup.ColourReadout`; weight of that loss)",
+    )
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
 
@@ -129,7 +136,13 @@ def main() -> None:
     if args.attend_weight:
         model.model.text_model.config._attn_implementation = "eager"  # attention weights out
     background = torch.nn.Parameter(torch.randn(train.SIZE.hidden) * 0.02)
-    parameters = [*model.model.text_model.parameters(), *model.lm_head.parameters(), background]
+    readout = lookup.ColourReadout(train.SIZE.hidden)
+    parameters = [
+        *model.model.text_model.parameters(),
+        *model.lm_head.parameters(),
+        *readout.parameters(),
+        background,
+    ]
     optimizer = torch.optim.AdamW(parameters, lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
     kinds, weights = list(KINDS), list(KINDS.values())
     scores: dict[str, list[bool]] = defaultdict(list)
@@ -159,8 +172,15 @@ def main() -> None:
             attention_mask=batch["attention_mask"],
             labels=batch["labels"],
             output_attentions=bool(args.attend_weight),
+            output_hidden_states=bool(args.colour_weight),
         )
         loss = out.loss
+        if args.colour_weight:
+            named = readout.loss(
+                out.hidden_states[lookup.LAYER + 1], batch["lookup_query"], batch["lookup_colour"]
+            )
+            if named is not None:
+                loss = loss + args.colour_weight * named
         if args.attend_weight:
             looked = lookup.attention_loss(
                 out.attentions[lookup.LAYER][:, lookup.HEAD],

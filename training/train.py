@@ -154,7 +154,7 @@ def collate(
         [patches.targets(scene, label, side, token, columns) for scene, label in drawn]
     )
     image_token = tokenizer.convert_tokens_to_ids("<image>")
-    out["lookup_query"], out["lookup_keys"] = lookup.targets(
+    out["lookup_query"], out["lookup_keys"], out["lookup_colour"] = lookup.targets(
         examples, batch["input_ids"], starts, out["token_targets"], image_token
     )
     return out
@@ -218,6 +218,7 @@ def model_card(params: int, args: argparse.Namespace, minutes: float, loss: floa
         f"--char-columns {args.char_columns} --{'' if args.token_chars else 'no-'}token-chars "
         f"--tower-steps {args.tower_steps} --draw-max {args.draw_max} "
         f"--attend-weight {args.attend_weight}"
+        + (f" --colour-weight {args.colour_weight}" if args.colour_weight else "")
     )
     look_up = (
         'When a question names a shape ("What color is the triangle?", "Is there a green '
@@ -227,6 +228,12 @@ def model_card(params: int, args: argparse.Namespace, minutes: float, loss: floa
         f"{args.attend_weight}; `training/lookup.py`): a nudge towards the look-up the answer "
         "needs, which the language loss alone does not teach in an hour. "
         if args.attend_weight
+        else ""
+    ) + (
+        "A linear read-out of the named shape's colour from the hidden state at that position "
+        f"(after layer {lookup.LAYER + 1}) is trained with it (weight {args.colour_weight}), so "
+        "that the colour is there to compare with the one a yes/no question asks. "
+        if args.colour_weight
         else ""
     )
     tower = (
@@ -417,6 +424,13 @@ def main() -> None:
         "language model, where a colour or yes/no answer is decided, trained to look at the "
         "image tokens of the shape the question names (0: off)",
     )
+    parser.add_argument(
+        "--colour-weight",
+        type=float,
+        default=0.0,
+        help="weight of a read-out of the named shape's colour from the hidden state where a "
+        "colour or yes/no answer is decided (`lookup.ColourReadout`; 0: off)",
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--probe", action="store_true", help="time 20 steps and stop")
@@ -455,7 +469,10 @@ def main() -> None:
     token_names = ("shape", "color", "char") if args.token_chars else ("shape", "color")
     token_heads = patches.PatchHeads(SIZE.hidden, token_names, columns=args.char_columns)
     token_heads.attach(model.model.connector)
+    readout = lookup.ColourReadout(SIZE.hidden)
     aids = [*heads.parameters(), *token_heads.parameters()]
+    if args.colour_weight:
+        aids += list(readout.parameters())
     optimizer = torch.optim.AdamW(
         [*model.parameters(), *aids], lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98)
     )
@@ -475,8 +492,13 @@ def main() -> None:
             group["lr"] = lr_at(step, steps, args.lr, args.warmup)
         target, token_target = batch.pop("patch_targets"), batch.pop("token_targets")
         query, keys = batch.pop("lookup_query"), batch.pop("lookup_keys")
+        colour = batch.pop("lookup_colour")
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
-            out = model(**batch, output_attentions=bool(args.attend_weight))
+            out = model(
+                **batch,
+                output_attentions=bool(args.attend_weight),
+                output_hidden_states=bool(args.colour_weight),
+            )
             loss = out.loss
             seen = (heads.loss(target) + token_heads.loss(token_target)) / 2
             total = loss + args.patch_weight * seen
@@ -486,6 +508,11 @@ def main() -> None:
                 if looked is not None:
                     total = total + args.attend_weight * looked
                     look_window.append(math.exp(-looked.item()))
+            if args.colour_weight:
+                # hidden_states[0] is the embeddings: the output of layer k is k + 1
+                named = readout.loss(out.hidden_states[lookup.LAYER + 1], query, colour)
+                if named is not None:
+                    total = total + args.colour_weight * named
         optimizer.zero_grad(set_to_none=True)
         total.backward()
         torch.nn.utils.clip_grad_norm_([*model.parameters(), *aids], 1.0)
@@ -508,6 +535,9 @@ def main() -> None:
                 entry["look"] = sum(look_window) / len(look_window)
                 read += f" look {entry['look']:.2f}"
                 look_window.clear()
+            if args.colour_weight and readout.accuracy is not None:
+                read += f" named.colour {readout.accuracy:.2f}"
+                entry["named_colour"] = readout.accuracy
             log.append({**entry, "minutes": elapsed / 60})
             print(
                 f"step {step + 1}/{steps} loss {mean:.4f} patches {patch_mean:.4f} ({read}) "
