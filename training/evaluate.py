@@ -137,7 +137,7 @@ async def lookups(model: Path, n: int, seed: int) -> dict[str, Any]:
                 (present.color, present.shape, "yes"),
                 (present.color, other.shape, "no"),
             ):
-                question = f"Is there {'an' if color[0] in 'aeiou' else 'a'} {color} {shape}?"
+                question = f"Is there {world._a(color)} {shape}?"
                 example = Example("exists", None, question, "", [image])
                 got = world.normalize(await answer(engine, example, [image]))
                 yes_no += got == want
