@@ -190,7 +190,8 @@ def test_a_trained_folder_loads_like_any_checkpoint(
     model = AutoModelForImageTextToText.from_config(config)
     batch = collate([make_example(random.Random(2), kind="pair")], processor)
     target, _ = batch.pop("patch_targets"), batch.pop("token_targets")
-    batch.pop("lookup_query"), batch.pop("lookup_keys"), batch.pop("lookup_colour")
+    for name in ("lookup_query", "lookup_keys", "lookup_colour", "read_query", "read_keys"):
+        batch.pop(name)
     heads = patches.PatchHeads(32)
     heads.attach(model.model.vision_model)
     loss = model(**batch).loss
@@ -401,6 +402,60 @@ def test_the_look_up_targets_are_the_named_shapes_image_tokens_where_the_answer_
         assert named == (list(world.COLORS).index(colours.pop()) if len(colours) == 1 else -100)
 
 
+def test_a_characters_cells_are_those_under_the_middle_of_its_box() -> None:
+    from training.lookup import char_cells
+
+    # a 128 px square in 4 x 4 cells of 32 px: a glyph inside one cell marks that cell
+    assert char_cells((40, 4, 56, 28), (128, 128), 4) == [1]
+    # one across a cell border marks both cells its middle half overlaps
+    assert char_cells((20, 4, 52, 28), (128, 128), 4) == [0, 1]
+    # a sliver still marks the cell its centre is in; boxes at the edge stay on the grid
+    assert char_cells((127, 0, 128, 1), (128, 128), 4) == [3]
+    # other image sizes scale: the top-right quarter of a 1,000 x 500 image
+    assert char_cells((760, 10, 990, 110), (1000, 500), 4) == [3]
+
+
+def test_the_read_targets_are_where_each_character_of_the_word_is_printed(
+    training_size_processor: tuple[object, object],
+) -> None:
+    from training.lookup import char_cells
+    from training.train import char_ids
+
+    _, processor = training_size_processor
+    tok = processor.tokenizer  # type: ignore[attr-defined]
+    image_token = tok.convert_tokens_to_ids("<image>")
+    ids = char_ids(tok)
+    assert set(ids) == set(patches.CHARS)  # each letter and digit is a token of its own
+    rng = random.Random(11)
+    chats = [make_chat(rng, k, turns=2) for k in ("text", "describe", "count", "text")]
+    chats += [make_example(rng, kind="pair")]
+    batch = collate(chats, processor)
+    query, keys = batch["read_query"], batch["read_keys"]
+    expected = sum(
+        len(chat.scenes[0].text)
+        for chat in chats
+        if len(chat.images) == 1 and chat.scenes[0].text
+        for _, answer in chat.turns()
+        if f'"{chat.scenes[0].text}"' in answer
+    )
+    assert len(query) == len(keys) == expected > 0
+    seen: dict[int, int] = {}
+    for (row, at), mask in zip(query.tolist(), keys, strict=True):
+        chat = chats[row]
+        assert len(chat.images) == 1
+        labels = chat.labels[0]
+        word = chat.scenes[0].text
+        # the k-th query of a run predicts the word's k-th character, a label of the answer
+        k = seen.get(row, 0) % len(word)
+        seen[row] = seen.get(row, 0) + 1
+        assert int(batch["labels"][row, at + 1]) == ids[word[k]]
+        assert int(batch["input_ids"][row, at + 1]) == ids[word[k]]
+        # and looks at the image tokens where that character is printed
+        where = (batch["input_ids"][row] == image_token).nonzero()[:, 0]
+        cells = char_cells(labels.chars[k][1], labels.items.size, 4)
+        assert mask.nonzero()[:, 0].tolist() == where[cells].tolist()
+
+
 def test_the_look_up_loss_is_the_attention_mass_on_the_named_shape_and_trains_that_head(
     training_size_processor: tuple[object, object],
 ) -> None:
@@ -425,7 +480,7 @@ def test_the_look_up_loss_is_the_attention_mass_on_the_named_shape_and_trains_th
     batch = collate(chats, processor)
     query, keys = batch.pop("lookup_query"), batch.pop("lookup_keys")
     colour = batch.pop("lookup_colour")
-    for name in ("patch_targets", "token_targets"):
+    for name in ("patch_targets", "token_targets", "read_query", "read_keys"):
         batch.pop(name)
     out = model(**batch, output_attentions=True, output_hidden_states=True)
     looked = lookup.attention_loss(out.attentions[lookup.LAYER][:, lookup.HEAD], query, keys)

@@ -14,6 +14,8 @@ checkpoint stays a plain Idefics3 model.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from training import world
@@ -123,3 +125,81 @@ class ColourReadout(torch.nn.Module):
         logits = self.head(seen)
         self.accuracy = (logits.argmax(-1) == colour[keep]).float().mean().item()
         return torch.nn.functional.cross_entropy(logits, colour[keep])
+
+
+READ_HEAD = 1  # the same layer's next head: where the next printed character is
+
+
+def char_cells(
+    box: tuple[float, float, float, float], size: tuple[int, int], grid: int
+) -> list[int]:
+    """The image tokens (row-major, `grid` x `grid`) that show the middle of a character's box
+    (x0, y0, x1, y1, in the coordinates of an image of `size`): the cells that overlap its middle
+    half, at least the one its centre is in."""
+    width, height = size
+    x0, y0, x1, y1 = box
+    cx, cy, hw, hh = (x0 + x1) / 2, (y0 + y1) / 2, (x1 - x0) / 4, (y1 - y0) / 4
+
+    def span(lo: float, hi: float, extent: int) -> range:
+        first = max(0, min(grid - 1, int(lo * grid / extent)))
+        last = max(first, min(grid - 1, math.ceil(hi * grid / extent) - 1))
+        return range(first, last + 1)
+
+    return [
+        r * grid + c for r in span(cy - hh, cy + hh, height) for c in span(cx - hw, cx + hw, width)
+    ]
+
+
+def read_targets(
+    examples: list[Example],
+    input_ids: torch.Tensor,
+    starts: list[list[int]],
+    answers: list[list[list[int]]],
+    char_ids: dict[str, int],
+    grid: int,
+    image_token: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where to look while spelling a printed word out, for every answer that spells one.
+
+    `answers[row][turn]` are the token ids of that turn's answer, which begins at
+    `starts[row][turn]`; `char_ids` the token of each letter and digit (each is one token).
+    For the k-th character of the word, the position whose output predicts it (the one before)
+    should look at the image tokens where the word's k-th character is printed: `query` (n, 2)
+    and `keys` (n, positions), as `targets` makes them. Images with no word, answers that do not
+    spell it (counts, colours, "There is no text."), and two-image questions give none."""
+    queries: list[tuple[int, int]] = []
+    keys: list[torch.Tensor] = []
+    for row, example in enumerate(examples):
+        if len(example.images) != 1 or not example.labels[0].chars:
+            continue
+        labels = example.labels[0]
+        word = [char_ids.get(char) for char, _ in labels.chars]
+        if any(token is None for token in word):
+            continue
+        where = (input_ids[row] == image_token).nonzero()[:, 0]
+        if len(where) != grid * grid:
+            raise RuntimeError(f"row {row}: {len(where)} image tokens, grid {grid}")
+        size = labels.items.size
+        for answer, start in zip(answers[row], starts[row], strict=True):
+            at = _find(answer, word)
+            if at is None:
+                continue
+            for k, (_, box) in enumerate(labels.chars):
+                mask = torch.zeros(input_ids.shape[1], dtype=torch.bool)
+                mask[where[char_cells(box, size, grid)]] = True
+                queries.append((row, start + at + k - 1))
+                keys.append(mask)
+    if not queries:
+        return torch.zeros(0, 2, dtype=torch.long), torch.zeros(
+            0, input_ids.shape[1], dtype=torch.bool
+        )
+    return torch.tensor(queries, dtype=torch.long), torch.stack(keys)
+
+
+def _find(tokens: list[int], word: list[int | None]) -> int | None:
+    """Where `word` last occurs in `tokens`, if it does."""
+    n = len(word)
+    for at in range(len(tokens) - n, -1, -1):
+        if tokens[at : at + n] == word:
+            return at
+    return None

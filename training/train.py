@@ -157,7 +157,22 @@ def collate(
     out["lookup_query"], out["lookup_keys"], out["lookup_colour"] = lookup.targets(
         examples, batch["input_ids"], starts, out["token_targets"], image_token
     )
+    out["read_query"], out["read_keys"] = lookup.read_targets(
+        examples,
+        batch["input_ids"],
+        starts,
+        answers,
+        char_ids(tokenizer),
+        side // token,
+        image_token,
+    )
     return out
+
+
+def char_ids(tokenizer: Any) -> dict[str, int]:
+    """The token of each printed letter and digit (`ISOLATE` keeps each a token of its own)."""
+    ids = {c: tokenizer.convert_tokens_to_ids(c) for c in patches.CHARS}
+    return {c: i for c, i in ids.items() if i is not None and i != tokenizer.unk_token_id}
 
 
 class Batches(IterableDataset[dict[str, torch.Tensor]]):
@@ -219,22 +234,35 @@ def model_card(params: int, args: argparse.Namespace, minutes: float, loss: floa
         f"--tower-steps {args.tower_steps} --draw-max {args.draw_max} "
         f"--attend-weight {args.attend_weight}"
         + (f" --colour-weight {args.colour_weight}" if args.colour_weight else "")
+        + (f" --read-weight {args.read_weight}" if args.read_weight else "")
     )
     look_up = (
-        'When a question names a shape ("What color is the triangle?", "Is there a green '
-        'square?"), one attention head of the language model (layer '
-        f"{lookup.LAYER + 1}, head {lookup.HEAD + 1}) is also trained, at the position that "
-        "decides the answer, to look at the image tokens of that shape (weight "
-        f"{args.attend_weight}; `training/lookup.py`): a nudge towards the look-up the answer "
-        "needs, which the language loss alone does not teach in an hour. "
-        if args.attend_weight
-        else ""
-    ) + (
-        "A linear read-out of the named shape's colour from the hidden state at that position "
-        f"(after layer {lookup.LAYER + 1}) is trained with it (weight {args.colour_weight}), so "
-        "that the colour is there to compare with the one a yes/no question asks. "
-        if args.colour_weight
-        else ""
+        (
+            'When a question names a shape ("What color is the triangle?", "Is there a green '
+            'square?"), one attention head of the language model (layer '
+            f"{lookup.LAYER + 1}, head {lookup.HEAD + 1}) is also trained, at the position that "
+            "decides the answer, to look at the image tokens of that shape (weight "
+            f"{args.attend_weight}; `training/lookup.py`): a nudge towards the look-up the answer "
+            "needs, which the language loss alone does not teach in an hour. "
+            if args.attend_weight
+            else ""
+        )
+        + (
+            "A linear read-out of the named shape's colour from the hidden state at that "
+            f"position (after layer {lookup.LAYER + 1}) is trained with it (weight "
+            f"{args.colour_weight}), so that the colour is there to compare with the one a "
+            "yes/no question asks. "
+            if args.colour_weight
+            else ""
+        )
+        + (
+            "Where an answer spells a printed word out, another head of that layer (head "
+            f"{lookup.READ_HEAD + 1}) is trained, at the position that predicts each character, to "
+            "look at the image tokens where that character is printed (weight "
+            f"{args.read_weight}; `lookup.read_targets`). "
+            if args.read_weight
+            else ""
+        )
     )
     tower = (
         f"Before the whole model, the vision tower and the connector train alone on those "
@@ -431,6 +459,14 @@ def main() -> None:
         help="weight of a read-out of the named shape's colour from the hidden state where a "
         "colour or yes/no answer is decided (`lookup.ColourReadout`; 0: off)",
     )
+    parser.add_argument(
+        "--read-weight",
+        type=float,
+        default=0.0,
+        help="weight of the reading look-up loss (`lookup.read_targets`): another head of the "
+        "same layer, where each character of a printed word is spelled in an answer, trained to "
+        "look at the image tokens where that character is printed (0: off)",
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--probe", action="store_true", help="time 20 steps and stop")
@@ -476,7 +512,8 @@ def main() -> None:
     optimizer = torch.optim.AdamW(
         [*model.parameters(), *aids], lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98)
     )
-    if args.attend_weight:  # attention weights are only returned by the eager implementation
+    attend = bool(args.attend_weight or args.read_weight)
+    if attend:  # attention weights are only returned by the eager implementation
         model.model.text_model.config._attn_implementation = "eager"
     model.train()
     started = time.perf_counter()
@@ -486,6 +523,7 @@ def main() -> None:
     window: list[float] = []
     patch_window: list[float] = []
     look_window: list[float] = []
+    read_window: list[float] = []
     log: list[dict[str, float]] = []
     for step, batch in enumerate(loader):
         for group in optimizer.param_groups:
@@ -493,10 +531,11 @@ def main() -> None:
         target, token_target = batch.pop("patch_targets"), batch.pop("token_targets")
         query, keys = batch.pop("lookup_query"), batch.pop("lookup_keys")
         colour = batch.pop("lookup_colour")
+        read_query, read_keys = batch.pop("read_query"), batch.pop("read_keys")
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
             out = model(
                 **batch,
-                output_attentions=bool(args.attend_weight),
+                output_attentions=attend,
                 output_hidden_states=bool(args.colour_weight),
             )
             loss = out.loss
@@ -508,6 +547,12 @@ def main() -> None:
                 if looked is not None:
                     total = total + args.attend_weight * looked
                     look_window.append(math.exp(-looked.item()))
+            if args.read_weight:
+                attention = out.attentions[lookup.LAYER][:, lookup.READ_HEAD]
+                reading = lookup.attention_loss(attention, read_query, read_keys)
+                if reading is not None:
+                    total = total + args.read_weight * reading
+                    read_window.append(math.exp(-reading.item()))
             if args.colour_weight:
                 # hidden_states[0] is the embeddings: the output of layer k is k + 1
                 named = readout.loss(out.hidden_states[lookup.LAYER + 1], query, colour)
@@ -535,6 +580,10 @@ def main() -> None:
                 entry["look"] = sum(look_window) / len(look_window)
                 read += f" look {entry['look']:.2f}"
                 look_window.clear()
+            if read_window:  # the same, on the printed character being spelled
+                entry["read"] = sum(read_window) / len(read_window)
+                read += f" read {entry['read']:.2f}"
+                read_window.clear()
             if args.colour_weight and readout.accuracy is not None:
                 read += f" named.colour {readout.accuracy:.2f}"
                 entry["named_colour"] = readout.accuracy
