@@ -384,8 +384,11 @@ def test_the_look_up_targets_are_the_named_shapes_image_tokens_where_the_answer_
     image = {row: sum(len(c.images) for c in chats[:row]) for row in range(len(chats))}
     for (row, at), mask, named in zip(query.tolist(), keys, colour.tolist(), strict=True):
         assert len(chats[row].images) == 1  # two images: no look-up target
-        # the position that predicts an answer's first token, just before it
-        assert batch["labels"][row, at] == -100 and batch["labels"][row, at + 1] != -100
+        # the position that predicts the answer's first letter: the answer's leading space
+        # ("Ġ", then "B" of " Blue."), where the colour or the yes / no is chosen
+        assert batch["labels"][row, at - 1] == -100 and batch["labels"][row, at] != -100
+        assert tok.decode([int(batch["input_ids"][row, at])]) == " "
+        assert tok.decode([int(batch["input_ids"][row, at + 1])]).strip()
         answer_at = tok.decode(batch["input_ids"][row, : at + 1].tolist())
         question = answer_at.rsplit("User:", 1)[1]
         shape = [s for s in world.SHAPES if s in question]

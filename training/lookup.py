@@ -43,12 +43,13 @@ def targets(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Where to look, for every answer to a question that names a shape present in its image.
 
-    `starts[row]` are the positions where the row's answers begin (one per turn, in order);
+    `starts[row]` are the positions where the row's answers are decided (one per turn, in
+    order): each answer's first token that is not white space;
     `token_targets` is (images, rows, tokens) as `patches.targets` makes it, its first row the
     shape under each image token, images in the order the examples hold them.
 
-    Returns `query` (n, 2): the row, and the position whose output predicts the answer's first
-    token (the one before it); and `keys` (n, positions): the image tokens of the named shape in
+    Returns `query` (n, 2): the row, and the position whose output predicts that token (the
+    one before it); and `keys` (n, positions): the image tokens of the named shape in
     that row; and `colour` (n,): the index in `world.COLORS` of the named shape's colour, or -100
     (ignored) where two shapes of that kind differ in colour. Questions about two images, or about
     a shape the image lacks (or shows too small to cover an image token), give none."""

@@ -154,8 +154,14 @@ def collate(
         [patches.targets(scene, label, side, token, columns) for scene, label in drawn]
     )
     image_token = tokenizer.convert_tokens_to_ids("<image>")
+    # where each answer is decided: its first token that is not a bare space (" Blue." is
+    # "Ġ", "B", "lue", ".": the colour is chosen where "B" is predicted, not "Ġ")
+    decided = [
+        [start + _blank_lead(tokenizer, answer) for start, answer in zip(row, spans, strict=True)]
+        for row, spans in zip(starts, answers, strict=True)
+    ]
     out["lookup_query"], out["lookup_keys"], out["lookup_colour"] = lookup.targets(
-        examples, batch["input_ids"], starts, out["token_targets"], image_token
+        examples, batch["input_ids"], decided, out["token_targets"], image_token
     )
     out["read_query"], out["read_keys"] = lookup.read_targets(
         examples,
@@ -167,6 +173,14 @@ def collate(
         image_token,
     )
     return out
+
+
+def _blank_lead(tokenizer: Any, answer: list[int]) -> int:
+    """How many tokens an answer begins with that are only white space."""
+    lead = 0
+    while lead < len(answer) - 1 and not tokenizer.decode(answer[lead : lead + 1]).strip():
+        lead += 1
+    return lead
 
 
 def char_ids(tokenizer: Any) -> dict[str, int]:
