@@ -169,7 +169,7 @@ def write_card(model: Path, report: dict[str, Any], command: str) -> None:
     card = model / "README.md"
     text = card.read_text() if card.exists() else ""
     marker = "## Evaluation"
-    text = text.split(marker)[0].rstrip() + "\n\n" if marker in text else text
+    text = text.split(marker)[0].rstrip() + "\n\n" if text else ""
     text += (
         f"{marker}\n\nExact match per question type, {report['n']} questions each, greedy "
         f"decoding through oculo's serving path. Command:\n\n```\n{command}\n```\n\n"
