@@ -19,8 +19,13 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	touch $@
 
 $(VENV)/.installed-test: pyproject.toml $(VENV)/.installed tests/node/package-lock.json
-	# llama-cpp-python compiles from source the first time (needs g++ and cmake; pip keeps the wheel)
-	CMAKE_BUILD_PARALLEL_LEVEL=2 $(PIP_INSTALL) -e '.[test]'
+	# llama-cpp-python compiles from source (needs g++ and cmake) for any x86-64 CPU with AVX2, not
+	# for this one: a -march=native build on a CPU with AMX faults (general protection, in
+	# ggml_backend_amx_mul_mat) where the kernel does not grant the process AMX's tile state.
+	# Without pip's wheel cache, so that a native wheel built by an older Makefile is not reused.
+	CMAKE_ARGS="-DGGML_NATIVE=OFF" CMAKE_BUILD_PARALLEL_LEVEL=2 \
+		$(PIP_INSTALL) --no-cache-dir 'llama-cpp-python[server]==0.3.36'
+	$(PIP_INSTALL) -e '.[test]'
 	# the seed's TypeScript example runs under Node with the real openai package
 	if command -v npm >/dev/null; then cd tests/node && npm ci --no-audit --no-fund --loglevel=error; fi
 	touch $@
