@@ -507,3 +507,37 @@ def test_the_look_up_loss_is_the_attention_mass_on_the_named_shape_and_trains_th
     # nothing to read where every named shape's colour is ambiguous
     ignored = torch.full_like(colour, lookup.IGNORE)
     assert readout.loss(out.hidden_states[lookup.LAYER + 1], query, ignored) is None
+
+
+def test_reading_is_scored_apart_on_images_that_have_text() -> None:
+    from training.evaluate import characters_right, table
+
+    assert characters_right('"GO"', "GO") == (2, 2)
+    assert characters_right('"GD"', "GO") == (1, 2)
+    assert characters_right('"GOLF"', "GO") == (2, 2)  # extra letters are scored by exact match
+    assert characters_right("There is no text.", "GO") == (0, 2)
+    row = {k: 50.0 for k in world.QUESTION_TYPES} | {"read": 12.5, "read_chars": 40.0}
+    lines = table({"accuracy": {"held-out": row, "different": row}}).splitlines()
+    assert "| reading (images with text) | >= 80% | 12.5% | 12.5% |" in lines
+    assert "| characters read | - | 40.0% | 40.0% |" in lines
+
+
+def test_the_glyph_loss_adds_the_cross_entropy_of_the_strips_that_hold_a_character() -> None:
+    import torch
+
+    from training.patches import HEADS, PatchHeads
+
+    torch.manual_seed(0)
+    seen = torch.randn(2, 4, 8)
+    target = torch.zeros(2, 3, 4, dtype=torch.long)  # shape, colour, one character strip
+    target[0, 2, 1] = 5  # one strip holds a character, all others none
+    losses = []
+    for weight in (0.0, 1.0):
+        heads = PatchHeads(8, ("char",), columns=1, glyph_weight=weight)
+        torch.manual_seed(1)
+        heads.heads["char"].reset_parameters()
+        heads.seen = seen
+        losses.append(heads.loss(target))
+    logits = heads.heads["char"](seen).reshape(-1, HEADS["char"])
+    glyph = torch.nn.functional.cross_entropy(logits[1:2], torch.tensor([5]))
+    assert torch.allclose(losses[1] - losses[0], glyph)

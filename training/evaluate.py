@@ -24,6 +24,7 @@ import asyncio
 import base64
 import json
 import random
+import re
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -43,6 +44,17 @@ from training.data import Example, make_example
 
 SETS: dict[str, world.Style] = {"held-out": "train", "different": "alt"}
 TARGETS = {"describe": 90, "count": 90, "color": 90, "exists": 90, "text": 80, "pair": 90}
+# Reading, scored apart: the "text" questions about images that have printed text (a "text"
+# question about an image without any is answered "There is no text.", which a model that cannot
+# read gets right too), as whole words and as characters in place.
+READING = {"read": ("reading (images with text)", 80), "read_chars": ("characters read", None)}
+
+
+def characters_right(got: str, want: str) -> tuple[int, int]:
+    """How many of the printed word's characters the answer's quoted word has in place."""
+    quoted = re.search(r'"([^"]*)"', got)
+    said = quoted.group(1) if quoted else ""
+    return sum(a == b for a, b in zip(said, want, strict=False)), len(want)
 
 
 def through_server_media(example: Example, rng: random.Random, style: world.Style) -> list[Any]:
@@ -87,6 +99,7 @@ async def evaluate(model: Path, n: int, seed: int) -> dict[str, Any]:
         for name, style in SETS.items():
             rng = random.Random(f"evaluate:{name}:{seed}")
             scores: dict[str, list[int]] = {}
+            chars = [0, 0]
             for kind in world.QUESTION_TYPES:
                 hits = []
                 for _ in range(n):
@@ -95,12 +108,19 @@ async def evaluate(model: Path, n: int, seed: int) -> dict[str, Any]:
                     got = await answer(engine, example, images)
                     ok = world.normalize(got) == world.normalize(example.answer)
                     hits.append(int(ok))
+                    printed = example.scenes[0].text if kind == "text" else None
+                    if printed:
+                        scores.setdefault("read", []).append(int(ok))
+                        right, total = characters_right(got, printed)
+                        chars[0] += right
+                        chars[1] += total
                     if not ok and len(mistakes[f"{name}/{kind}"]) < 5:
                         mistakes[f"{name}/{kind}"].append(
                             {"q": example.question, "want": example.answer, "got": got}
                         )
                 scores[kind] = hits
             results[name] = {k: round(100 * sum(v) / len(v), 1) for k, v in scores.items()}
+            results[name]["read_chars"] = round(100 * chars[0] / max(1, chars[1]), 1)
     finally:
         await engine.close()
     return {"accuracy": results, "n": n, "seed": seed, "mistakes": dict(mistakes)}
@@ -162,6 +182,11 @@ def table(report: dict[str, Any]) -> str:
     for kind in world.QUESTION_TYPES:
         row = [f"{report['accuracy'][s][kind]:.1f}%" for s in sets]
         lines.append(f"| {kind} | >= {TARGETS[kind]}% | " + " | ".join(row) + " |")
+    for key, (label, target) in READING.items():
+        if all(key in report["accuracy"][s] for s in sets):
+            row = [f"{report['accuracy'][s][key]:.1f}%" for s in sets]
+            goal = f">= {target}%" if target else "-"
+            lines.append(f"| {label} | {goal} | " + " | ".join(row) + " |")
     return "\n".join(lines)
 
 

@@ -86,10 +86,17 @@ class PatchHeads(torch.nn.Module):
     """
 
     def __init__(
-        self, hidden: int, names: tuple[str, ...] = tuple(HEADS), columns: int = COLUMNS
+        self,
+        hidden: int,
+        names: tuple[str, ...] = tuple(HEADS),
+        columns: int = COLUMNS,
+        glyph_weight: float = 0.0,
     ) -> None:
         super().__init__()
         self.names = names
+        # Most strips hold no character, so the plain cross-entropy is mostly "nothing here";
+        # `glyph_weight` adds the cross-entropy over the strips that do hold one: which glyph.
+        self.glyph_weight = glyph_weight
         self.width = {"shape": 1, "color": 1, "char": columns}  # target rows per read-out
         self.columns = columns
         self.heads = torch.nn.ModuleDict(
@@ -126,6 +133,10 @@ class PatchHeads(torch.nn.Module):
             wanted = target[:, rows(name, self.columns)].transpose(1, 2).reshape(-1)
             total = total + torch.nn.functional.cross_entropy(logits, wanted)
             marked = wanted != NONE
+            if name == "char" and self.glyph_weight and marked.any():
+                total = total + self.glyph_weight * torch.nn.functional.cross_entropy(
+                    logits[marked], wanted[marked]
+                )
             if marked.any():
                 hits = logits.argmax(-1)[marked] == wanted[marked]
                 self.accuracy[name] = hits.float().mean().item()

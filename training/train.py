@@ -16,6 +16,7 @@ import math
 import random
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -58,8 +59,10 @@ def tokenizer_corpus(seed: int, n: int = 6000) -> str:
     return "\n".join(lines)
 
 
-def build(seed: int) -> tuple[Any, Any]:
-    """A fresh (model, processor) pair with random weights drawn from `seed`."""
+def build(seed: int, size: Size | None = None) -> tuple[Any, Any]:
+    """A fresh (model, processor) pair of `size` (the shipped `SIZE` by default) with random
+    weights drawn from `seed`."""
+    size = size or SIZE
     from transformers import AutoModelForImageTextToText, GenerationConfig
 
     tokenizer = build_tokenizer(
@@ -67,9 +70,9 @@ def build(seed: int) -> tuple[Any, Any]:
         tokenizer_corpus(seed),
         vocab_size=BPE_VOCAB,
         isolate=ISOLATE,
-        context_length=SIZE.context_length,
+        context_length=size.context_length,
     )
-    config, processor = idefics3_parts(tokenizer, SIZE)
+    config, processor = idefics3_parts(tokenizer, size)
     # One resize, straight to the model's square: Idefics3's default first fits the longer side
     # to the square and then stretches the shorter one back up, which throws away most of the
     # rows of a wide image (a 1,120 x 400 picture kept 46 of its rows before the stretch).
@@ -239,14 +242,18 @@ def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
     return peak * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def model_card(params: int, args: argparse.Namespace, minutes: float, loss: float) -> str:
-    image_tokens = (SIZE.image_size // SIZE.patch_size) ** 2 // SIZE.scale_factor**2
+def model_card(
+    params: int, args: argparse.Namespace, minutes: float, loss: float, size: Size = SIZE
+) -> str:
+    image_tokens = (size.image_size // size.patch_size) ** 2 // size.scale_factor**2
     command = (
         ".venv/bin/python -m training.train --out src/oculo/models/oculo-tiny "
         f"--steps {args.steps} --batch-size {args.batch_size} --lr {args.lr} --seed {args.seed} "
         f"--char-columns {args.char_columns} --{'' if args.token_chars else 'no-'}token-chars "
-        f"--tower-steps {args.tower_steps} --draw-max {args.draw_max} "
+        + (f"--glyph-weight {args.glyph_weight} " if args.glyph_weight else "")
+        + f"--tower-steps {args.tower_steps} --draw-max {args.draw_max} "
         f"--attend-weight {args.attend_weight}"
+        + (f" --scale-factor {size.scale_factor}" if size.scale_factor != SIZE.scale_factor else "")
         + (f" --colour-weight {args.colour_weight}" if args.colour_weight else "")
         + (f" --read-weight {args.read_weight}" if args.read_weight else "")
     )
@@ -286,6 +293,12 @@ def model_card(params: int, args: argparse.Namespace, minutes: float, loss: floa
         else ""
     )
     describe = 'A red circle and a blue star. The text says "GO".'
+    glyphs = (
+        f" (with a second loss, weight {args.glyph_weight}, over only the strips that hold a "
+        "character: most hold none, and the plain loss is mostly about that)"
+        if args.glyph_weight
+        else ""
+    )
     return f"""# oculo-tiny
 
 oculo's built-in default model: a {params / 1e6:.2f}M-parameter vision-language model of the
@@ -314,11 +327,11 @@ images (`oculo serve --model PATH`).
 
 ## Architecture
 
-{SIZE}.
+{size}.
 
-The image is resized to {SIZE.image_size}x{SIZE.image_size} px in one step (no tiling; the
-aspect ratio is not kept, and a wide image keeps all {SIZE.image_size} of its rows), cut in
-{SIZE.patch_size} px patches, pixel-shuffled x{SIZE.scale_factor}: {image_tokens} image tokens per
+The image is resized to {size.image_size}x{size.image_size} px in one step (no tiling; the
+aspect ratio is not kept, and a wide image keeps all {size.image_size} of its rows), cut in
+{size.patch_size} px patches, pixel-shuffled x{size.scale_factor}: {image_tokens} image tokens per
 image. Byte-level BPE tokenizer ({BPE_VOCAB}
 merges trained on the world's questions and answers; capital letters and digits stay single
 tokens so printed words are spelled out), SmolVLM's chat template.
@@ -337,8 +350,8 @@ and costs far less), AdamW (peak lr {args.lr}, warm-up {args.warmup}, cosine),
 final training loss {loss:.4f}. Beside the language loss on the answer, the vision tower is
 supervised patch by patch (weight {args.patch_weight}): linear read-outs of its output learn which
 shape and colour lies under each patch and which printed character under each of its
-{args.char_columns} vertical strips, and read-outs of the connector's image tokens the same for
-each token ({"shape, colour and characters" if args.token_chars else "shape and colour"};
+{args.char_columns} vertical strips{glyphs}, and read-outs of the connector's image tokens the same
+for each token ({"shape, colour and characters" if args.token_chars else "shape and colour"};
 `training/patches.py`). {tower}{look_up}These are training aids, not saved: the checkpoint
 is a plain Idefics3 model. Half the training batches are chats of several questions about one
 image; the rows of a batch share one layout (one question or several, with or without a system
@@ -439,6 +452,13 @@ def main() -> None:
         "4 began to read first letters, but learned shapes more slowly)",
     )
     parser.add_argument(
+        "--glyph-weight",
+        type=float,
+        default=0.0,
+        help="weight of a second character loss over only the strips that hold a character "
+        "(which glyph), beside the plain one that is mostly 'nothing here' (0: off)",
+    )
+    parser.add_argument(
         "--token-chars",
         action=argparse.BooleanOptionalAction,
         default=False,
@@ -481,6 +501,14 @@ def main() -> None:
         "same layer, where each character of a printed word is spelled in an answer, trained to "
         "look at the image tokens where that character is printed (0: off)",
     )
+    parser.add_argument(
+        "--scale-factor",
+        type=int,
+        default=SIZE.scale_factor,
+        help="the connector's pixel shuffle: each image token covers scale x scale patches "
+        f"({(SIZE.image_size // SIZE.patch_size) ** 2} patches: 2 gives 16 image tokens, 1 gives "
+        "64, finer for reading and slower)",
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--probe", action="store_true", help="time 20 steps and stop")
@@ -495,9 +523,10 @@ def main() -> None:
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
-    model, processor = build(args.seed)
+    size = replace(SIZE, scale_factor=args.scale_factor)
+    model, processor = build(args.seed, size)
     params = sum(p.numel() for p in model.parameters())
-    print(f"oculo-tiny: {params / 1e6:.2f}M parameters, {SIZE}", flush=True)
+    print(f"oculo-tiny: {params / 1e6:.2f}M parameters, {size}", flush=True)
     steps = 20 if args.probe else args.steps
     loader = DataLoader(
         Batches(
@@ -514,10 +543,14 @@ def main() -> None:
         prefetch_factor=4 if args.workers else None,
         persistent_workers=False,
     )
-    heads = patches.PatchHeads(SIZE.vision_hidden, columns=args.char_columns)
+    heads = patches.PatchHeads(
+        SIZE.vision_hidden, columns=args.char_columns, glyph_weight=args.glyph_weight
+    )
     heads.attach(model.model.vision_model)
     token_names = ("shape", "color", "char") if args.token_chars else ("shape", "color")
-    token_heads = patches.PatchHeads(SIZE.hidden, token_names, columns=args.char_columns)
+    token_heads = patches.PatchHeads(
+        SIZE.hidden, token_names, columns=args.char_columns, glyph_weight=args.glyph_weight
+    )
     token_heads.attach(model.model.connector)
     readout = lookup.ColourReadout(SIZE.hidden)
     aids = [*heads.parameters(), *token_heads.parameters()]
@@ -620,7 +653,7 @@ def main() -> None:
     (args.out / "training_log.json").write_text(
         json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "log": log}, indent=1)
     )
-    (args.out / "README.md").write_text(model_card(params, args, minutes, log[-1]["loss"]))
+    (args.out / "README.md").write_text(model_card(params, args, minutes, log[-1]["loss"], size))
     print(f"saved to {args.out} after {(time.perf_counter() - started) / 60:.1f} min")
 
 
