@@ -541,3 +541,14 @@ def test_the_glyph_loss_adds_the_cross_entropy_of_the_strips_that_hold_a_charact
     logits = heads.heads["char"](seen).reshape(-1, HEADS["char"])
     glyph = torch.nn.functional.cross_entropy(logits[1:2], torch.tensor([5]))
     assert torch.allclose(losses[1] - losses[0], glyph)
+
+
+def test_the_scale_factor_sets_how_many_image_tokens_an_image_becomes() -> None:
+    from dataclasses import replace
+
+    from training.train import SIZE, build
+
+    for scale, tokens in ((2, 16), (1, 64)):
+        model, processor = build(0, replace(SIZE, scale_factor=scale))
+        assert processor.image_seq_len == tokens
+        assert model.config.scale_factor == scale
