@@ -133,11 +133,11 @@ class PatchHeads(torch.nn.Module):
             wanted = target[:, rows(name, self.columns)].transpose(1, 2).reshape(-1)
             total = total + torch.nn.functional.cross_entropy(logits, wanted)
             marked = wanted != NONE
-            if name == "char" and self.glyph_weight and marked.any():
-                total = total + self.glyph_weight * torch.nn.functional.cross_entropy(
-                    logits[marked], wanted[marked]
-                )
             if marked.any():
+                if name == "char" and self.glyph_weight:
+                    total = total + self.glyph_weight * torch.nn.functional.cross_entropy(
+                        logits[marked], wanted[marked]
+                    )
                 hits = logits.argmax(-1)[marked] == wanted[marked]
                 self.accuracy[name] = hits.float().mean().item()
         self.seen = None

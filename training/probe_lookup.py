@@ -127,10 +127,9 @@ def main() -> None:
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
-    train.SIZE = replace(train.SIZE, layers=args.layers)
     if args.clean:
         world.sample_size = lambda rng: (256, 256)  # type: ignore[assignment]
-    model, processor = train.build(0)
+    model, processor = train.build(0, replace(train.SIZE, layers=args.layers))
     tokenizer = processor.tokenizer
     image_token = model.config.image_token_id
     if args.attend_weight:
