@@ -12,7 +12,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from sqlalchemy import text
+from sqlalchemy import event, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from oculo.accounts.keys import PREFIX, KeyRing, KeyStore, key_id_of, new_key
@@ -196,6 +196,64 @@ async def test_ledger_rows_that_arrive_together_share_a_commit(engine: AsyncEngi
         await asyncio.sleep(0.01)
     assert (await ledger.totals(key_id="k1"))[0].requests == 51
     ledger.close()
+
+
+async def test_a_full_ledger_flushes_every_commit_a_deferred_one_within_its_interval(
+    engine: AsyncEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ledger_sync: "full" waits for the disk on every commit (SQLite synchronous=FULL, or
+    PostgreSQL's default); "deferred" commits without waiting and flushes once an interval."""
+    import os
+
+    flushed: list[str] = []
+    real_fsync = os.fsync
+
+    def spy(fd: int) -> None:
+        flushed.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", spy)
+    statements: list[str] = []
+
+    def seen(_conn: object, _cursor: object, statement: str, *_: object) -> None:
+        statements.append(statement)
+
+    event.listen(engine.sync_engine, "before_cursor_execute", seen)
+    sqlite = engine.dialect.name == "sqlite"
+
+    full = Ledger(engine)
+    await full.record(record("f1"))
+    if sqlite:
+        with full._sqlite_writer().connect() as conn:  # type: ignore[union-attr]
+            assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 2  # FULL
+    assert not any("synchronous_commit" in s for s in statements)
+    full.close()
+
+    deferred = Ledger(engine, sync="deferred", flush_seconds=0.2)
+    await asyncio.gather(*(deferred.record(record(f"d{i}")) for i in range(5)))
+    await deferred.record(record("d5"))
+    # committed: every other connection reads the rows at once
+    assert (await deferred.totals(key_id="k1"))[0].requests == 7
+    if sqlite:
+        with deferred._sqlite_writer().connect() as conn:  # type: ignore[union-attr]
+            assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 1  # NORMAL
+        path = engine.url.database
+        assert deferred.flushes == 0 and f"{path}-wal" not in flushed  # not yet on disk
+        for _ in range(100):
+            if deferred.flushes:
+                break
+            await asyncio.sleep(0.02)
+        # one flush for the six rows of the interval, of the WAL that holds them
+        assert deferred.flushes == 1 and f"{path}-wal" in flushed
+        await asyncio.sleep(0.4)
+        assert deferred.flushes == 1  # nothing new, nothing flushed
+        await deferred.record(record("d6"))
+        deferred.close()  # a row whose flush is pending: closing flushes it
+        assert deferred.flushes == 2
+    else:  # PostgreSQL: each transaction commits asynchronously, PostgreSQL flushes it
+        assert sum("SET LOCAL synchronous_commit TO OFF" in s for s in statements) >= 2
+        deferred.close()
+    event.remove(engine.sync_engine, "before_cursor_execute", seen)
 
 
 async def test_a_ledger_write_that_fails_unexpectedly_fails_its_requests(

@@ -14,6 +14,7 @@ def test_defaults() -> None:
     assert (s.host, s.port, s.max_images, s.max_pixels) == ("127.0.0.1", 8000, 2, 40_000_000)
     assert s.max_body_bytes == 1_048_576
     assert s.api_keys == [] and s.models == []
+    assert s.ledger_sync == "full"  # usage rows on disk before each answer
 
 
 def test_file_env_and_flags_layer(tmp_path: Path) -> None:
@@ -27,6 +28,7 @@ def test_file_env_and_flags_layer(tmp_path: Path) -> None:
     assert s.models[0].id == "m1" and s.models[0].context_length == 4096
     s = load_settings(cfg, env={"OCULO_PORT": "9100", "OCULO_API_KEYS": "x, y,"})
     assert s.port == 9100 and s.api_keys == ["x", "y"]
+    assert load_settings(cfg, env={"OCULO_LEDGER_SYNC": "deferred"}).ledger_sync == "deferred"
     s = load_settings(cfg, env={"OCULO_PORT": "9100"}, overrides={"port": 9200, "host": None})
     assert s.port == 9200 and s.host == "127.0.0.1"
 
@@ -38,6 +40,7 @@ def test_file_env_and_flags_layer(tmp_path: Path) -> None:
         ("[server]\nport = -1", "port"),
         ("[server]\nbogus = 1", "bogus"),
         ("[extra]\nx = 1", "unknown sections"),
+        ('[server]\nledger_sync = "sometimes"', "ledger_sync"),
         ('[[models]]\nid = "a"\npath = "p"\n[[models]]\nid = "a"\npath = "q"', "twice"),
         ('[[models]]\nid = "a"\npath = "p"\nengine = "magic"', "engine"),
     ],

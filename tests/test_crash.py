@@ -1,5 +1,5 @@
 """SIGKILL in the middle of 50 concurrent requests: every request answered 200 is in the ledger,
-and the database is intact, on SQLite and on PostgreSQL."""
+and the database is intact, on SQLite and on PostgreSQL, whichever ledger_sync."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 from conftest import API_KEY, Server, one_model, png_uri, run_async, start_server, stop_server
 from sqlalchemy import text
 
@@ -72,10 +73,13 @@ def ledger_ids(database_url: str) -> set[str]:
     return ids
 
 
+@pytest.mark.parametrize("sync", ["full", "deferred"])
 def test_sigkill_mid_flight_loses_no_answered_request(
-    checkpoints: dict[str, Path], tmp_path: Path, database_url: str
+    checkpoints: dict[str, Path], tmp_path: Path, database_url: str, sync: str
 ) -> None:
-    env = {"OCULO_DATABASE_URL": database_url}
+    """Under ledger_sync "deferred" too: the rows are written before the answers, only their
+    flush to disk waits, and a killed process's writes are the operating system's to keep."""
+    env = {"OCULO_DATABASE_URL": database_url, "OCULO_LEDGER_SYNC": sync}
     (tmp_path / "first").mkdir()
     server = start_server(one_model(checkpoints), tmp_path / "first", env)
     answered: list[str] = []

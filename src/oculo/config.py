@@ -12,6 +12,7 @@ A config file looks like::
     data_dir = "/var/lib/oculo"   # the SQLite database's folder (default: a per-user data folder)
     # database_url = "postgresql://oculo@db/oculo"  # instead of SQLite: several oculo processes
     # redis_url = "redis://cache:6379/0"            # rate limits shared by several processes
+    # ledger_sync = "full"        # usage rows on disk before each answer; "deferred": within 1 s
 
     [[models]]                    # the catalog: one table per public model id
     id = "smolvlm"
@@ -133,6 +134,7 @@ class Settings(BaseModel):
     data_dir: str | None = None
     database_url: str | None = None
     redis_url: str | None = None
+    ledger_sync: Literal["full", "deferred"] = "full"  # see oculo.accounts.ledger
     models: list[ModelSpec] = Field(default_factory=list)
 
     @model_validator(mode="after")
@@ -154,6 +156,7 @@ _ENV_FIELDS: dict[str, str] = {
     "OCULO_DATA_DIR": "data_dir",
     "OCULO_DATABASE_URL": "database_url",
     "OCULO_REDIS_URL": "redis_url",
+    "OCULO_LEDGER_SYNC": "ledger_sync",
 }
 
 

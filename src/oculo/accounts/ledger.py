@@ -13,17 +13,29 @@ with any request rate without a timer. A batch that fails is retried row by row,
 On a SQLite file a batch is written by the synchronous driver in one worker-thread call (the
 async driver hops threads for every step of a transaction: twice the CPU a row); PostgreSQL's
 goes through the async engine.
+
+How far "committed" goes is the operator's choice (`ledger_sync`):
+- "full" (the default): on disk before `record` returns, as above. Each answer waits for one
+  flush of the disk (shared by the rows of a group commit): 1 to 8 ms on the disks seen here.
+- "deferred": written to the database before `record` returns (an oculo process that crashes
+  or is killed afterwards loses nothing), flushed to disk at most `flush_seconds` later. An
+  operating-system crash or power cut can lose the rows of that last interval; the database
+  stays intact. SQLite: the writer's connection commits with synchronous=NORMAL (WAL appended,
+  not flushed) and one flush a second covers every row since the last (the WAL file's fsync).
+  PostgreSQL: each row's transaction sets synchronous_commit off; PostgreSQL's own WAL writer
+  flushes within three times its wal_writer_delay (200 ms by default).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from dataclasses import asdict, dataclass
 from datetime import UTC, date, datetime
-from typing import Any
+from typing import Any, Literal
 
-from sqlalchemy import Engine, create_engine, event, func, insert, select
+from sqlalchemy import Engine, create_engine, event, func, insert, select, text
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -79,16 +91,24 @@ class UsageTotal:
 
 
 _Waiting = tuple[dict[str, Any], "asyncio.Future[None]"]
+LedgerSync = Literal["full", "deferred"]
 
 
 class Ledger:
-    def __init__(self, engine: AsyncEngine) -> None:
+    def __init__(
+        self, engine: AsyncEngine, sync: LedgerSync = "full", flush_seconds: float = 1.0
+    ) -> None:
         self._engine = engine
+        self.sync = sync
+        self.flush_seconds = flush_seconds
         self._insert = insert(usage)
         self._waiting: list[_Waiting] = []
         self._writer: asyncio.Task[None] | None = None
+        self._flusher: asyncio.Task[None] | None = None
+        self._unflushed = False  # "deferred": rows committed since the last flush began
         self._sqlite: Engine | None = None  # the synchronous writer, made on the first write
         self.commits = 0  # transactions written (rows / commits: how well writes are grouped)
+        self.flushes = 0  # "deferred": the disk flushes that followed commits
 
     async def record(self, row: UsageRecord) -> None:
         """Write one row; returns once it is committed (see the module's notes)."""
@@ -130,10 +150,45 @@ class Ledger:
         sqlite = self._sqlite_writer()
         if sqlite is not None:
             await asyncio.to_thread(self._commit_sqlite, sqlite, rows)
+            if self.sync == "deferred":
+                self._unflushed = True
+                if self._flusher is None or self._flusher.done():
+                    self._flusher = asyncio.create_task(self._flush_later())
         else:
             async with self._engine.begin() as conn:
+                if self.sync == "deferred" and conn.dialect.name == "postgresql":
+                    await conn.execute(text("SET LOCAL synchronous_commit TO OFF"))
                 await conn.execute(self._insert, rows)
         self.commits += 1
+
+    async def _flush_later(self) -> None:
+        """Under "deferred", on SQLite: flush what was committed `flush_seconds` after the
+        interval's first row (the rows committed meanwhile ride along), until none is left."""
+        while self._unflushed:
+            await asyncio.sleep(self.flush_seconds)
+            self._unflushed = False
+            try:
+                await asyncio.to_thread(self._flush_files)
+            except OSError as exc:  # the rows stay in the file; the next interval tries again
+                self._unflushed = True
+                log.warning("usage ledger: flush to disk failed (%s); trying again", exc)
+
+    def _flush_files(self) -> None:
+        path = self._engine.url.database
+        if not path:
+            return
+        # an fsync through any descriptor flushes the file's pages: the WAL holds every row
+        # committed since the last checkpoint, the main file what checkpoints copied there
+        for name in (f"{path}-wal", path):
+            try:
+                fd = os.open(name, os.O_RDONLY)
+            except FileNotFoundError:
+                continue
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        self.flushes += 1
 
     def _commit_sqlite(self, sqlite: Engine, rows: list[dict[str, Any]]) -> None:
         with sqlite.begin() as conn:
@@ -149,10 +204,20 @@ class Ledger:
                 connect_args={"timeout": 30, "check_same_thread": False},
             )
             event.listen(self._sqlite, "connect", sqlite_pragmas)
+            if self.sync == "deferred":
+                event.listen(self._sqlite, "connect", _append_only)
         return self._sqlite
 
     def close(self) -> None:
+        """Stop writing; under "deferred", flush what a pending flush would have."""
+        if self._flusher is not None and not self._flusher.done():
+            self._flusher.cancel()
         if self._sqlite is not None:
+            if self.sync == "deferred":
+                try:
+                    self._flush_files()
+                except OSError as exc:
+                    log.warning("usage ledger: last flush to disk failed (%s)", exc)
             self._sqlite.dispose()
             self._sqlite = None
 
@@ -197,6 +262,13 @@ class Ledger:
             )
             for row in rows
         ]
+
+
+def _append_only(dbapi_connection: Any, _record: Any) -> None:
+    """The "deferred" writer's commits: appended to the WAL, flushed by `_flush_later`."""
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.close()
 
 
 def _settle(waiting: _Waiting, exc: BaseException | None) -> None:

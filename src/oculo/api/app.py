@@ -94,7 +94,7 @@ def create_app(settings: Settings, registry: ModelRegistry | None = None) -> Fas
     app.state.registry = registry
     app.state.keyring = KeyRing(settings.api_keys)
     app.state.keys = KeyStore(database)
-    app.state.ledger = Ledger(database)
+    app.state.ledger = Ledger(database, sync=settings.ledger_sync)
     app.state.limiter = limiter
     app.state.admission = admission = Admission(settings.max_concurrent_requests)
     app.state.metrics = Metrics(in_flight=lambda: admission.in_flight)
