@@ -5,7 +5,9 @@ One run starts a fast stub upstream (`oculo.testing.stub_upstream`, its own proc
 virtualenv, one model on the stub), and sends each the same chat request: two JPEGs as base64
 data URIs (about 700 KB of base64), a whole answer of 8 pieces. For 1, 8 and 32 concurrent
 clients (keep-alive connections of a small asyncio HTTP/1.1 client in this process) it measures
-  - latency p50 / p99 and throughput of (a) the stub alone, (b) oculo -> stub, (c) LiteLLM -> stub;
+  - latency p50 / p99 and throughput of (a) the stub alone, (b) oculo -> stub, with the usage
+    ledger's default `ledger_sync = "full"` (each answer waits for its row's disk flush) and with
+    "deferred" (rows committed before the answer, flushed within a second), (c) LiteLLM -> stub;
     the gateways' added latency is theirs minus the stub's;
   - each gateway's CPU per request (user + system time of its processes, from /proc);
   - the floor: the least any gateway must do with such a body, in-process: parse the JSON
@@ -108,7 +110,7 @@ def start_stub(stack: ExitStack, port: int) -> int:
     return stack.enter_context(process(cmd, f"http://127.0.0.1:{port}/health"))
 
 
-def start_oculo(stack: ExitStack, port: int, upstream: str, work: Path) -> int:
+def start_oculo(stack: ExitStack, port: int, upstream: str, work: Path, sync: str = "full") -> int:
     config = work / "oculo.toml"
     config.write_text(
         "[[models]]\n"
@@ -117,7 +119,8 @@ def start_oculo(stack: ExitStack, port: int, upstream: str, work: Path) -> int:
     )
     cmd = [sys.executable, "-m", "oculo.cli", "serve", "--config", str(config),
            "--port", str(port), "--log-level", "warning"]  # fmt: skip
-    env = {"OCULO_API_KEYS": KEY, "OCULO_DATA_DIR": str(work / "data")}
+    env = {"OCULO_API_KEYS": KEY, "OCULO_DATA_DIR": str(work / f"data-{sync}"),
+           "OCULO_LEDGER_SYNC": sync}  # fmt: skip
     return stack.enter_context(process(cmd, f"http://127.0.0.1:{port}/ready", env))
 
 
@@ -261,9 +264,10 @@ def floor_ms(body: bytes, rounds: int = 300) -> float:
     return _median_ms(once, rounds)
 
 
-def commit_ms(rounds: int = 60) -> float:
-    """The median wall time of one usage-ledger row committed alone (SQLite in WAL mode with
-    a full fsync, oculo's default): what durability adds to a lone request's latency."""
+def commit_ms(rounds: int = 60, sync: str = "full") -> float:
+    """The median wall time of one usage-ledger row committed alone (SQLite in WAL mode; "full":
+    flushed to disk, oculo's default; "deferred": written, flushed later): what the ledger adds
+    to a lone request's latency."""
     from datetime import UTC, datetime
 
     from oculo.accounts.ledger import Ledger, UsageRecord
@@ -271,7 +275,7 @@ def commit_ms(rounds: int = 60) -> float:
 
     async def run(folder: str) -> list[float]:
         engine = await open_store(None, folder)
-        ledger = Ledger(engine)
+        ledger = Ledger(engine, sync="full" if sync == "full" else "deferred")
         times = []
         for i in range(rounds):
             row = UsageRecord(
@@ -304,7 +308,10 @@ def _median_ms(fn: Callable[[], None], rounds: int) -> float:
 # --------------------------------------------------------------------------- the report
 
 
-def report(results: list[Result], floor: float, commit: float | None = None) -> str:
+GATEWAYS = ("oculo", "oculo-deferred")
+
+
+def report(results: list[Result], floor: float, commit: dict[str, float] | None = None) -> str:
     by = {(r.target, r.clients): r for r in results}
     lines = [
         "| clients | target | p50 ms | p99 ms | added p50 ms | added p99 ms | req/s | CPU ms/req |",
@@ -312,7 +319,7 @@ def report(results: list[Result], floor: float, commit: float | None = None) -> 
     ]
     for clients in CONCURRENCY:
         stub = by.get(("stub", clients))
-        for target in ("stub", "bare", "oculo", "litellm"):
+        for target in ("stub", "bare", *GATEWAYS, "litellm"):
             r = by.get((target, clients))
             if r is None or stub is None:
                 continue
@@ -337,24 +344,30 @@ def report(results: list[Result], floor: float, commit: float | None = None) -> 
         )
     if commit is not None:
         lines.append(
-            f"One usage-ledger row committed alone on this disk (SQLite, WAL, full fsync): "
-            f"{commit:.2f} ms wall (median): the durability in oculo's latency at 1 client."
+            "One usage-ledger row committed alone on this disk (SQLite, WAL), median wall: "
+            f"{commit['full']:.2f} ms flushed to disk (`full`), {commit['deferred']:.2f} ms "
+            "written only (`deferred`): the ledger's part of oculo's latency at 1 client."
         )
     lines.append("")
-    lines.append("| clients | oculo added p50 / LiteLLM's | oculo req/s / LiteLLM's | "
-                 "oculo CPU / floor | LiteLLM CPU / floor | oculo CPU / bare server |")  # fmt: skip
-    lines.append("|---|---|---|---|---|---|")
+    lines.append("| clients | oculo | added p50 / LiteLLM's | req/s / LiteLLM's | "
+                 "CPU / floor | LiteLLM CPU / floor | CPU / bare server |")  # fmt: skip
+    lines.append("|---|---|---|---|---|---|---|")
     for clients in CONCURRENCY:
-        stub, oc, ll = (by.get((t, clients)) for t in ("stub", "oculo", "litellm"))
-        if not (stub and oc and ll and oc.cpu_ms and ll.cpu_ms):
-            continue
-        ratio = (oc.p50_ms - stub.p50_ms) / max(ll.p50_ms - stub.p50_ms, 1e-9)
-        bare_run = by.get(("bare", clients))
-        over_bare = f"x{oc.cpu_ms / bare_run.cpu_ms:.1f}" if bare_run and bare_run.cpu_ms else "-"
-        lines.append(
-            f"| {clients} | {ratio:.2f} | x{oc.throughput / ll.throughput:.2f} | "
-            f"x{oc.cpu_ms / floor:.1f} | x{ll.cpu_ms / floor:.1f} | {over_bare} |"
-        )
+        stub, ll = by.get(("stub", clients)), by.get(("litellm", clients))
+        for gateway in GATEWAYS:
+            oc = by.get((gateway, clients))
+            if not (stub and oc and ll and oc.cpu_ms and ll.cpu_ms):
+                continue
+            ratio = (oc.p50_ms - stub.p50_ms) / max(ll.p50_ms - stub.p50_ms, 1e-9)
+            bare_run = by.get(("bare", clients))
+            over_bare = (
+                f"x{oc.cpu_ms / bare_run.cpu_ms:.1f}" if bare_run and bare_run.cpu_ms else "-"
+            )
+            sync = "deferred" if gateway.endswith("deferred") else "full"
+            lines.append(
+                f"| {clients} | {sync} | {ratio:.2f} | x{oc.throughput / ll.throughput:.2f} | "
+                f"x{oc.cpu_ms / floor:.1f} | x{ll.cpu_ms / floor:.1f} | {over_bare} |"
+            )
     return "\n".join(lines)
 
 
@@ -366,7 +379,9 @@ def plot(results: list[Result], path: Path) -> None:
 
     by = {(r.target, r.clients): r for r in results}
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    for target, colour in (("stub", "grey"), ("oculo", "tab:blue"), ("litellm", "tab:orange")):
+    colours = (("stub", "grey"), ("oculo", "tab:blue"), ("oculo-deferred", "tab:green"),
+               ("litellm", "tab:orange"))  # fmt: skip
+    for target, colour in colours:
         xs = [c for c in CONCURRENCY if (target, c) in by]
         left.plot(
             xs, [by[(target, c)].p50_ms for c in xs], "o-", color=colour, label=f"{target} p50"
@@ -399,7 +414,7 @@ def main() -> None:
     print(f"body: {len(body):,} bytes; {platform.machine()}, {os.cpu_count()} cores, "
           f"Python {platform.python_version()}")  # fmt: skip
     floor = floor_ms(body)
-    commit = commit_ms()
+    commit = {sync: commit_ms(sync=sync) for sync in ("full", "deferred")}
     results: list[Result] = []
     work = Path(tempfile.mkdtemp(prefix="oculo-gateway-"))
     with ExitStack() as stack:
@@ -410,6 +425,9 @@ def main() -> None:
         targets: list[tuple[str, int, int | None]] = [("stub", stub_port, None)]
         targets.append(("bare", bare_port, start_bare(stack, bare_port)))
         targets.append(("oculo", oculo_port, start_oculo(stack, oculo_port, stub_url, work)))
+        deferred_port = free_port()
+        pid = start_oculo(stack, deferred_port, stub_url, work, "deferred")
+        targets.append(("oculo-deferred", deferred_port, pid))
         if not args.skip_litellm:
             if not LITELLM.exists():
                 raise SystemExit(f"{LITELLM} is missing: run `make install-bench` first")
