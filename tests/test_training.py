@@ -579,3 +579,31 @@ def test_the_weight_average_follows_the_weights_and_replaces_them_only_when_aske
     assert torch.allclose(model.weight, start + 2.0)  # the model keeps its own weights
     average.copy_to(model)
     assert torch.allclose(model.weight, start + 1.1)
+
+
+def test_a_run_pins_its_kernels_by_running_again_with_them(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import os
+    import sys
+
+    from training import train
+
+    calls: list[tuple[str, list[str], dict[str, str]]] = []
+
+    def execve(path: str, argv: list[str], env: dict[str, str]) -> None:
+        calls.append((path, argv, env))
+
+    monkeypatch.setattr(os, "execve", execve)
+    for name in train.PINNED_MATH:
+        monkeypatch.delenv(name, raising=False)
+    train.pin_math(["--out", "x", "--steps", "5"])
+    ((path, argv, env),) = calls
+    assert path == sys.executable
+    assert argv == [sys.executable, "-m", "training.train", "--out", "x", "--steps", "5"]
+    assert {k: env[k] for k in train.PINNED_MATH} == train.PINNED_MATH
+    assert env["PATH"] == os.environ["PATH"]  # the rest of the environment goes along
+    for name, value in train.PINNED_MATH.items():
+        monkeypatch.setenv(name, value)
+    train.pin_math(["--out", "x"])  # already pinned: no second run
+    assert len(calls) == 1

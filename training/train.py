@@ -13,7 +13,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import random
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import replace
@@ -43,6 +45,23 @@ SIZE = Size(
 BPE_VOCAB = 700
 ISOLATE = "[A-Z0-9]"  # printed words and numbers are spelled a letter or digit at a time
 EOS = "<end_of_utterance>"
+# The kernels a run computes with, the same on every x86-64 machine with AVX2: ATen's vectorised
+# kernels and MKL's and oneDNN's code paths otherwise follow the CPU (AVX-512 here, AVX2 there),
+# and their float sums differ in the last bits, which a long run grows into other weights.
+PINNED_MATH = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+
+
+def pin_math(argv: list[str]) -> None:
+    """Run again in a fresh interpreter with `PINNED_MATH` set, unless it is set already (the
+    variables are read when torch loads, so they cannot be set after)."""
+    if all(os.environ.get(k) == v for k, v in PINNED_MATH.items()):
+        return
+    sys.stdout.flush()
+    os.execve(
+        sys.executable,
+        [sys.executable, "-m", "training.train", *argv],
+        {**os.environ, **PINNED_MATH},
+    )
 
 
 def tokenizer_corpus(seed: int, n: int = 6000) -> str:
@@ -257,6 +276,7 @@ def model_card(
         + (f" --colour-weight {args.colour_weight}" if args.colour_weight else "")
         + (f" --read-weight {args.read_weight}" if args.read_weight else "")
         + (f" --ema {args.ema}" if args.ema else "")
+        + ("" if getattr(args, "pin_math", True) else " --no-pin-math")
     )
     look_up = (
         (
@@ -549,7 +569,18 @@ def main() -> None:
         help="save an exponential moving average of the weights with this decay (e.g. 0.998) "
         "instead of the last step's; the last step's go to OUT-raw beside it",
     )
+    parser.add_argument(
+        "--pin-math",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="compute with the AVX2 kernels on every machine (PINNED_MATH), so that a run "
+        "gives the same weights on any x86-64 machine with 2 threads (--no-pin-math: the "
+        "CPU's own, faster where it has AVX-512, not reproducible across machines)",
+    )
     args = parser.parse_args()
+    if args.pin_math:
+        pin_math(sys.argv[1:])
+    print(f"kernels: {torch.backends.cpu.get_cpu_capability()}", flush=True)
 
     torch.set_num_threads(args.threads)
     size = replace(SIZE, scale_factor=args.scale_factor)
