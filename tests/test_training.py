@@ -554,33 +554,6 @@ def test_the_scale_factor_sets_how_many_image_tokens_an_image_becomes() -> None:
         assert model.config.scale_factor == scale
 
 
-def test_the_weight_average_follows_the_weights_and_replaces_them_only_when_asked() -> None:
-    import torch
-
-    from training.train import WeightAverage
-
-    model = torch.nn.Linear(3, 2)
-    frozen = torch.nn.Parameter(torch.zeros(2), requires_grad=False)
-    model.register_parameter("frozen", frozen)
-    start = model.weight.detach().clone()
-    average = WeightAverage(model, 0.9)
-    assert len(average.params) == 2  # weight and bias; the frozen one is left alone
-    with torch.no_grad():
-        model.weight.add_(1.0)
-    average.update(0)  # the ramp: decay (1 + 0) / (10 + 0) = 0.1, so 90% of the way
-    assert torch.allclose(average.average[0], start + 0.9)
-    for step in range(1, 200):  # far along, the decay is the one asked for, and it converges
-        average.update(step)
-    assert torch.allclose(average.average[0], start + 1.0, atol=1e-6)
-    with torch.no_grad():
-        model.weight.add_(1.0)
-    average.update(200)
-    assert torch.allclose(average.average[0], start + 1.1)  # 0.9 of the old, 0.1 of the new
-    assert torch.allclose(model.weight, start + 2.0)  # the model keeps its own weights
-    average.copy_to(model)
-    assert torch.allclose(model.weight, start + 1.1)
-
-
 def test_a_run_pins_its_kernels_by_running_again_with_them(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -275,7 +275,6 @@ def model_card(
         + (f" --scale-factor {size.scale_factor}" if size.scale_factor != SIZE.scale_factor else "")
         + (f" --colour-weight {args.colour_weight}" if args.colour_weight else "")
         + (f" --read-weight {args.read_weight}" if args.read_weight else "")
-        + (f" --ema {args.ema}" if args.ema else "")
         + ("" if getattr(args, "pin_math", True) else " --no-pin-math")
     )
     look_up = (
@@ -441,27 +440,6 @@ def warm_tower(
             window.clear()
 
 
-class WeightAverage:
-    """An exponential moving average of the model's weights (`--ema`): the last steps' noise
-    averaged out of the checkpoint. The decay ramps up from 0 ((1 + t) / (10 + t), as
-    TensorFlow's ExponentialMovingAverage with num_updates), so early weights fade fast."""
-
-    def __init__(self, model: Any, decay: float) -> None:
-        self.decay = decay
-        self.params = [p for p in model.parameters() if p.requires_grad]
-        self.average = [p.detach().clone() for p in self.params]
-
-    @torch.no_grad()
-    def update(self, step: int) -> None:
-        decay = min(self.decay, (1 + step) / (10 + step))
-        torch._foreach_lerp_(self.average, [p.detach() for p in self.params], 1 - decay)
-
-    @torch.no_grad()
-    def copy_to(self, model: Any) -> None:
-        for param, average in zip(self.params, self.average, strict=True):
-            param.copy_(average)
-
-
 def save(model: Any, processor: Any, folder: Path) -> None:
     model.eval()
     # the look-up loss trains on the eager attention; the checkpoint keeps the default
@@ -563,13 +541,6 @@ def main() -> None:
     )
     parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=False)
     parser.add_argument(
-        "--ema",
-        type=float,
-        default=0.0,
-        help="save an exponential moving average of the weights with this decay (e.g. 0.998) "
-        "instead of the last step's; the last step's go to OUT-raw beside it",
-    )
-    parser.add_argument(
         "--pin-math",
         action=argparse.BooleanOptionalAction,
         default=True,
@@ -623,7 +594,6 @@ def main() -> None:
     if attend:  # attention weights are only returned by the eager implementation
         model.model.text_model.config._attn_implementation = "eager"
     model.train()
-    average = WeightAverage(model, args.ema) if args.ema else None
     started = time.perf_counter()
     if args.tower_steps and not args.probe:
         warm_tower(model, processor, heads, token_heads, args)
@@ -670,8 +640,6 @@ def main() -> None:
         total.backward()
         torch.nn.utils.clip_grad_norm_([*model.parameters(), *aids], 1.0)
         optimizer.step()
-        if average is not None:
-            average.update(step)
         window.append(loss.item())
         patch_window.append(seen.item())
         if (step + 1) % 50 == 0 or step + 1 == steps:
@@ -711,9 +679,6 @@ def main() -> None:
         done = args.stop_after or steps
         print(f"stopped after {done} steps: {done / (time.perf_counter() - started):.2f} steps/s")
         return
-    if average is not None:
-        save(model, processor, args.out.with_name(f"{args.out.name}-raw"))
-        average.copy_to(model)
     save(model, processor, args.out)
     minutes = (time.perf_counter() - started) / 60
     (args.out / "training_log.json").write_text(
