@@ -14,6 +14,7 @@ import argparse
 import json
 import math
 import os
+import platform
 import random
 import sys
 import time
@@ -261,6 +262,23 @@ def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
     return peak * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+def cpu_name() -> str:
+    """The CPU's model name, as /proc/cpuinfo gives it (the machine a run's minutes were on)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "an unknown CPU"
+
+
+def write_log(args: argparse.Namespace, log: list[dict[str, float]]) -> None:
+    (args.out / "training_log.json").write_text(
+        json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "log": log}, indent=1)
+    )
+
+
 def model_card(
     params: int, args: argparse.Namespace, minutes: float, loss: float, size: Size = SIZE
 ) -> str:
@@ -276,6 +294,12 @@ def model_card(
         + (f" --colour-weight {args.colour_weight}" if args.colour_weight else "")
         + (f" --read-weight {args.read_weight}" if args.read_weight else "")
         + ("" if getattr(args, "pin_math", True) else " --no-pin-math")
+    )
+    kernels = (
+        "ATen, MKL and oneDNN held at their AVX2 kernels (`PINNED_MATH`: the same weights on any "
+        "x86-64 machine with AVX2)"
+        if getattr(args, "pin_math", True)
+        else "the CPU's own kernels (`--no-pin-math`: another CPU may give other weights)"
     )
     look_up = (
         (
@@ -366,8 +390,9 @@ tokens so printed words are spelled out), SmolVLM's chat template.
 examples, none repeated; scenes larger than {args.draw_max} px are drawn at that size, the
 grain scaled to match, which the model cannot tell from a full-size drawing at its input size
 and costs far less), AdamW (peak lr {args.lr}, warm-up {args.warmup}, cosine),
-{"bf16 autocast" if args.bf16 else "float32"}, {minutes:.0f} minutes on {args.threads} CPU threads;
-final training loss {loss:.4f}. Beside the language loss on the answer, the vision tower is
+{"bf16 autocast" if args.bf16 else "float32"}, {kernels},
+{minutes:.0f} minutes on {args.threads} threads of {cpu_name()}; final training loss {loss:.4f}.
+Beside the language loss on the answer, the vision tower is
 supervised patch by patch (weight {args.patch_weight}): linear read-outs of its output learn which
 shape and colour lies under each patch and which printed character under each of its
 {args.char_columns} vertical strips{glyphs}, and read-outs of the connector's image tokens the same
@@ -537,7 +562,8 @@ def main() -> None:
         "--stop-after",
         type=int,
         default=0,
-        help="run only the first N steps (reproducibility check)",
+        help="run only the first N steps and write their training_log.json, no weights "
+        "(reproducibility check)",
     )
     parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=False)
     parser.add_argument(
@@ -678,12 +704,13 @@ def main() -> None:
     if args.probe or args.stop_after:
         done = args.stop_after or steps
         print(f"stopped after {done} steps: {done / (time.perf_counter() - started):.2f} steps/s")
+        if args.stop_after:  # the log, to set beside a whole run's: no weights are saved
+            args.out.mkdir(parents=True, exist_ok=True)
+            write_log(args, log)
         return
     save(model, processor, args.out)
     minutes = (time.perf_counter() - started) / 60
-    (args.out / "training_log.json").write_text(
-        json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "log": log}, indent=1)
-    )
+    write_log(args, log)
     (args.out / "README.md").write_text(model_card(params, args, minutes, log[-1]["loss"], size))
     print(f"saved to {args.out} after {(time.perf_counter() - started) / 60:.1f} min")
 
