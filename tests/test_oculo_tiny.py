@@ -158,8 +158,8 @@ def test_oculo_serve_with_no_arguments_answers_the_seed_example(tmp_path: Path) 
         # "GO".' on this drawing, but on 12 drawings of the scene (four sizes, three seeds) it
         # reads "GO" in 9 (else "90" or "SIX"), though it says "A blue star." in all 12: what it
         # must get right here is that it sees a blue star, nothing of another shape or colour,
-        # and some text. No temperature in the
-        # request, as in the seed's example: oculo-tiny's default is greedy.
+        # and some text. No temperature in the request, as in the seed's example: oculo-tiny's
+        # default is greedy.
         described, _, said = text.partition("The text says")
         shapes = re.findall(rf"\b({'|'.join(world.COLORS)}) ({'|'.join(world.SHAPES)})", described)
         assert shapes and set(shapes) == {("blue", "star")} and said, text
@@ -212,8 +212,13 @@ def test_the_training_readme_documents_the_shipped_models_command() -> None:
     assert documented and documented[0].split() == the_shipped_command(), documented[:1]
 
 
+def has_avx2() -> bool:
+    cpuinfo = Path("/proc/cpuinfo")
+    return cpuinfo.exists() and "avx2" in cpuinfo.read_text(errors="replace").split()
+
+
 @pytest.mark.skipif(
-    "avx2" not in Path("/proc/cpuinfo").read_text(errors="replace").split(),
+    not has_avx2(),
     reason="runs are pinned to the AVX2 kernels of x86-64 CPUs (training.train.PINNED_MATH)",
 )
 def test_the_documented_command_retrains_the_shipped_model_step_for_step(tmp_path: Path) -> None:
