@@ -282,6 +282,7 @@ def write_log(args: argparse.Namespace, log: list[dict[str, float]]) -> None:
 def model_card(
     params: int, args: argparse.Namespace, minutes: float, loss: float, size: Size = SIZE
 ) -> str:
+    pinned = getattr(args, "pin_math", True)  # a Namespace without the flag: the default
     image_tokens = (size.image_size // size.patch_size) ** 2 // size.scale_factor**2
     command = (
         ".venv/bin/python -m training.train --out src/oculo/models/oculo-tiny "
@@ -293,12 +294,12 @@ def model_card(
         + (f" --scale-factor {size.scale_factor}" if size.scale_factor != SIZE.scale_factor else "")
         + (f" --colour-weight {args.colour_weight}" if args.colour_weight else "")
         + (f" --read-weight {args.read_weight}" if args.read_weight else "")
-        + ("" if getattr(args, "pin_math", True) else " --no-pin-math")
+        + ("" if pinned else " --no-pin-math")
     )
     kernels = (
         "ATen, MKL and oneDNN held at their AVX2 kernels (`PINNED_MATH`: the same weights on any "
         "x86-64 machine with AVX2)"
-        if getattr(args, "pin_math", True)
+        if pinned
         else "the CPU's own kernels (`--no-pin-math`: another CPU may give other weights)"
     )
     look_up = (

@@ -121,6 +121,10 @@ def _base_url(model_id: str, url: str) -> str:
     return base.removesuffix("/v1")
 
 
+# how far a usage row is written before its answer goes out (oculo.accounts.ledger)
+LedgerSync = Literal["full", "deferred"]
+
+
 class Settings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -134,7 +138,7 @@ class Settings(BaseModel):
     data_dir: str | None = None
     database_url: str | None = None
     redis_url: str | None = None
-    ledger_sync: Literal["full", "deferred"] = "full"  # see oculo.accounts.ledger
+    ledger_sync: LedgerSync = "full"  # see oculo.accounts.ledger
     models: list[ModelSpec] = Field(default_factory=list)
 
     @model_validator(mode="after")

@@ -33,7 +33,7 @@ import logging
 import os
 from dataclasses import asdict, dataclass
 from datetime import UTC, date, datetime
-from typing import Any, Literal
+from typing import Any
 
 from sqlalchemy import Engine, create_engine, event, func, insert, select, text
 from sqlalchemy.exc import SQLAlchemyError
@@ -41,6 +41,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from oculo.accounts.schema import usage
 from oculo.accounts.store import sqlite_pragmas
+from oculo.config import LedgerSync
 from oculo.errors import StorageUnavailable
 
 log = logging.getLogger("oculo.ledger")
@@ -91,7 +92,6 @@ class UsageTotal:
 
 
 _Waiting = tuple[dict[str, Any], "asyncio.Future[None]"]
-LedgerSync = Literal["full", "deferred"]
 
 
 class Ledger:
