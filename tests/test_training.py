@@ -265,7 +265,14 @@ def test_the_tower_warm_up_trains_the_tower_and_not_the_language_model() -> None
     token_heads.attach(model.model.connector)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     args = argparse.Namespace(
-        seed=0, lr=1e-3, batch_size=4, tower_steps=3, char_columns=2, workers=0, draw_max=256
+        seed=0,
+        lr=1e-3,
+        batch_size=4,
+        tower_steps=3,
+        char_columns=2,
+        workers=0,
+        draw_max=256,
+        made_faces=0.0,
     )
     model.train()
     warm_tower(model, processor, heads, token_heads, args)

@@ -75,6 +75,7 @@ def make_example(
     *,
     system_rate: float = 0.35,
     draw_max: int | None = None,
+    made_faces: float = 0.0,
 ) -> Example:
     if kind is None:
         kinds = list(TRAIN_MIX)
@@ -89,7 +90,10 @@ def make_example(
         scene = world.sample_scene(rng, text_rate=0.75 if kind == "text" else 0.4)
         question, answer = world.ask(scene, rng, kind)
         scenes = [scene]
-    drawn = [world.render_labelled(scene, rng, style, draw_max=draw_max) for scene in scenes]
+    drawn = [
+        world.render_labelled(scene, rng, style, draw_max=draw_max, made_faces=made_faces)
+        for scene in scenes
+    ]
     images = [image for image, _ in drawn]
     labels = [label for _, label in drawn]
     return Example(kind, system, question, answer, images, image_first, scenes, labels)
@@ -108,6 +112,7 @@ def make_chat(
     turns: int | None = None,
     system: bool | None = None,
     draw_max: int | None = None,
+    made_faces: float = 0.0,
 ) -> Example:
     """A training chat: `kind` first, and (for one image) possibly further questions about the
     same image. A description, which names everything, is only ever the last turn, so no earlier
@@ -115,14 +120,20 @@ def make_chat(
 
     `turns` (1 to MULTI_TURNS questions; drawn when None: one half the time, else 2 to
     MULTI_TURNS) and `system` (whether a system message comes first; drawn when None) let a
-    batch give all its rows the same layout, so that they pad to similar lengths. `draw_max`:
-    see `world.render_labelled`."""
+    batch give all its rows the same layout, so that they pad to similar lengths. `draw_max`
+    and `made_faces`: see `world.render_labelled`."""
     if turns is None:
         turns = 1 if rng.random() >= MULTI_RATE else rng.randint(2, MULTI_TURNS)
     if system is None:
         system = rng.random() < SYSTEM_RATE
     if kind == "pair" or turns == 1:
-        return make_example(rng, kind=kind, system_rate=1.0 if system else 0.0, draw_max=draw_max)
+        return make_example(
+            rng,
+            kind=kind,
+            system_rate=1.0 if system else 0.0,
+            draw_max=draw_max,
+            made_faces=made_faces,
+        )
     singles = [k for k in TRAIN_MIX if k != "pair"]
     kinds = [kind, *rng.choices(singles, weights=[TRAIN_MIX[k] for k in singles], k=turns - 1)]
     kinds = [k for k in kinds if k != "describe"] + (["describe"] if "describe" in kinds else [])
@@ -133,7 +144,7 @@ def make_chat(
         question, answer = world.ask(scene, rng, k)
         if all(question != q for q, _ in asked):
             asked.append((question, answer))
-    image, labels = world.render_labelled(scene, rng, draw_max=draw_max)
+    image, labels = world.render_labelled(scene, rng, draw_max=draw_max, made_faces=made_faces)
     (question, answer), *more = asked
     return Example(
         kinds[0], prompt, question, answer, [image], rng.random() < 0.8, [scene], [labels], more

@@ -224,9 +224,11 @@ class Batches(IterableDataset[dict[str, torch.Tensor]]):
         stop: int,
         columns: int,
         draw_max: int | None = None,
+        made_faces: float = 0.0,
     ) -> None:
         self.processor = processor
         self.draw_max = draw_max
+        self.made_faces = made_faces
         self.columns = columns
         self.seed = seed
         self.batch_size = batch_size
@@ -249,7 +251,14 @@ class Batches(IterableDataset[dict[str, torch.Tensor]]):
             turns = 1 if rng.random() >= MULTI_RATE else rng.randint(2, MULTI_TURNS)
             system = rng.random() < SYSTEM_RATE
             examples = [
-                make_chat(rng, kind, turns=turns, system=system, draw_max=self.draw_max)
+                make_chat(
+                    rng,
+                    kind,
+                    turns=turns,
+                    system=system,
+                    draw_max=self.draw_max,
+                    made_faces=self.made_faces,
+                )
                 for kind in kinds
             ]
             yield collate(examples, self.processor, self.columns)
@@ -294,6 +303,7 @@ def model_card(
         + (f" --scale-factor {size.scale_factor}" if size.scale_factor != SIZE.scale_factor else "")
         + (f" --colour-weight {args.colour_weight}" if args.colour_weight else "")
         + (f" --read-weight {args.read_weight}" if args.read_weight else "")
+        + (f" --made-faces {made_faces}" if (made_faces := getattr(args, "made_faces", 0)) else "")
         + ("" if pinned else " --no-pin-math")
     )
     kernels = (
@@ -434,6 +444,7 @@ def warm_tower(
             args.tower_steps,
             args.char_columns,
             args.draw_max or None,
+            args.made_faces,
         ),
         batch_size=None,
         num_workers=args.workers,
@@ -525,6 +536,13 @@ def main() -> None:
         "scaled to match; 0: draw every scene at its full size)",
     )
     parser.add_argument(
+        "--made-faces",
+        type=float,
+        default=0.0,
+        help="share of printed words drawn in a typeface made up for the word "
+        "(`training/typefaces.py`: bitmap-like or smooth) instead of Pillow's own (0: none)",
+    )
+    parser.add_argument(
         "--attend-weight",
         type=float,
         default=0.0,
@@ -595,6 +613,7 @@ def main() -> None:
             args.stop_after or steps,
             args.char_columns,
             args.draw_max or None,
+            args.made_faces,
         ),
         batch_size=None,
         num_workers=args.workers,

@@ -22,6 +22,8 @@ from typing import Any, Literal
 import numpy as np
 from PIL import Image, ImageChops, ImageDraw, ImageFilter, ImageFont
 
+from training import typefaces
+
 SHAPES = ("circle", "square", "triangle", "star")
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (220, 30, 30),
@@ -238,14 +240,30 @@ def _glyphs(
 
 
 def _draw_text(
-    image: Image.Image, scene: Scene, rng: random.Random, style: Style, band: float
+    image: Image.Image,
+    scene: Scene,
+    rng: random.Random,
+    style: Style,
+    band: float,
+    made_faces: float = 0.0,
 ) -> list[CharBox]:
     """Print the scene's word in the top band; return each character's box."""
     assert scene.text is not None
     width, height = image.size
     band_h = height * band
     color = (250, 250, 250) if rng.random() < 0.5 else (15, 15, 15)
-    if style == "train":
+    if style == "train" and made_faces and rng.random() < made_faces:
+        # a face made up for this word (`typefaces`): 40% of them drawn with capitals 6 to
+        # 10 px tall and blown up (a bitmap face), the rest drawn large and scaled down (smooth)
+        blocky = rng.random() < 0.4
+        goal = min(band_h * 0.8, width / (0.75 * len(scene.text) + 0.5)) * 0.75
+        cap = rng.choice((6, 7, 8, 9, 10)) if blocky else max(6, round(2 * goal))
+        mask, spans = typefaces.glyphs(scene.text, rng, cap)
+        scale_x = scale_y = min(band_h * 0.8 / mask.height, width * 0.95 / mask.width)
+        if blocky:
+            scale_x = scale_y = max(1.0, scale_x)
+        resample = Image.Resampling.NEAREST if blocky else Image.Resampling.LANCZOS
+    elif style == "train":
         # Pillow's own FreeType font, sometimes bolder, squeezed, or drawn small and blown up
         # (blocky), so that the model reads glyphs, not one rendering of them.
         px = max(8, int(min(band_h * 0.8, width / (0.75 * len(scene.text) + 0.5))))
@@ -283,14 +301,22 @@ def render(scene: Scene, rng: random.Random, style: Style = "train") -> Image.Im
 
 
 def render_labelled(
-    scene: Scene, rng: random.Random, style: Style = "train", *, draw_max: int | None = None
+    scene: Scene,
+    rng: random.Random,
+    style: Style = "train",
+    *,
+    draw_max: int | None = None,
+    made_faces: float = 0.0,
 ) -> tuple[Image.Image, Labels]:
     """Draw `scene`, and say where each shape and each printed character ended up.
 
     `draw_max` (training): draw a scene whose longer side exceeds it at that size instead, the
     same picture made smaller, with its grain scaled so that it looks as the full-size grain does
     once both are shrunk to the model's input. A model that sees 128 px cannot tell the
-    difference, and a 1,120 px scene costs 30 times less to draw and resize."""
+    difference, and a 1,120 px scene costs 30 times less to draw and resize.
+
+    `made_faces` (training): the share of printed words drawn in a face made up for the word
+    (`typefaces`) instead of Pillow's own; 0 draws no random number for it."""
     fit = 1.0
     if draw_max is not None and max(scene.width, scene.height) > draw_max:
         fit = draw_max / max(scene.width, scene.height)
@@ -315,7 +341,7 @@ def render_labelled(
     if factor > 1:
         image = image.resize(size, Image.Resampling.LANCZOS)
         items = items.resize(size, Image.Resampling.NEAREST)
-    chars = _draw_text(image, scene, rng, style, band) if scene.text else []
+    chars = _draw_text(image, scene, rng, style, band, made_faces) if scene.text else []
     if style == "alt":
         if rng.random() < 0.3:
             image = image.filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 0.8)))
