@@ -587,3 +587,27 @@ def test_a_run_pins_its_kernels_by_running_again_with_them(
         monkeypatch.setenv(name, value)
     train.pin_math(["--out", "x"])  # already pinned: no second run
     assert len(calls) == 1
+
+
+def test_a_run_can_start_from_a_checkpoints_weights(
+    small_parts: tuple[object, object], tmp_path: Path
+) -> None:
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    from training.train import start_from
+
+    config, _ = small_parts
+    torch.manual_seed(0)
+    trained = AutoModelForImageTextToText.from_config(config)
+    with torch.no_grad():
+        for parameter in trained.parameters():
+            parameter.add_(0.5)
+    trained.save_pretrained(tmp_path)
+    torch.manual_seed(1)
+    fresh = AutoModelForImageTextToText.from_config(config)
+    start_from(fresh, tmp_path)
+    for (name, got), want in zip(
+        fresh.state_dict().items(), trained.state_dict().values(), strict=True
+    ):
+        assert torch.equal(got, want), name
