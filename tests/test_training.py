@@ -517,16 +517,21 @@ def test_the_look_up_loss_is_the_attention_mass_on_the_named_shape_and_trains_th
 
 
 def test_reading_is_scored_apart_on_images_that_have_text() -> None:
-    from training.evaluate import characters_right, table
+    from training.evaluate import characters_right, reading_kind, table
 
     assert characters_right('"GO"', "GO") == (2, 2)
     assert characters_right('"GD"', "GO") == (1, 2)
     assert characters_right('"GOLF"', "GO") == (2, 2)  # extra letters are scored by exact match
     assert characters_right("There is no text.", "GO") == (0, 2)
+    assert reading_kind("2024") == "read_numbers"
+    assert reading_kind("GO") == reading_kind("R2D2") == "read_words"
     row = {k: 50.0 for k in world.QUESTION_TYPES} | {"read": 12.5, "read_chars": 40.0}
+    row |= {"read_words": 20.0, "read_numbers": 0.0}
     lines = table({"accuracy": {"held-out": row, "different": row}}).splitlines()
     assert "| reading (images with text) | >= 80% | 12.5% | 12.5% |" in lines
     assert "| characters read | - | 40.0% | 40.0% |" in lines
+    assert "| words read | - | 20.0% | 20.0% |" in lines
+    assert "| numbers read | - | 0.0% | 0.0% |" in lines
 
 
 def test_the_glyph_loss_adds_the_cross_entropy_of_the_strips_that_hold_a_character() -> None:
@@ -611,3 +616,47 @@ def test_a_run_can_start_from_a_checkpoints_weights(
         fresh.state_dict().items(), trained.state_dict().values(), strict=True
     ):
         assert torch.equal(got, want), name
+
+
+def test_a_larger_input_with_larger_patches_keeps_the_grid_and_the_image_tokens() -> None:
+    """`--image-size 192 --patch-size 24`: each patch sees 1.5 times as many pixels of the
+    picture, and the tower, the connector and the language model see as many patches and
+    tokens as at 128 / 16; the read-outs' targets follow the size, and the card's command
+    names it."""
+    import argparse
+    import random
+    from dataclasses import replace
+
+    import torch
+
+    from training.data import make_example
+    from training.train import SIZE, build, collate, model_card
+
+    size = replace(SIZE, image_size=192, patch_size=24)
+    model, processor = build(0, size)
+    assert processor.image_seq_len == 16
+    assert processor.image_processor.max_image_size == {"longest_edge": 192}
+    rng = random.Random(3)
+    examples = [make_example(rng, kind=kind) for kind in ("text", "color", "describe")]
+    batch = collate(examples, processor, 4, size)
+    assert tuple(batch["pixel_values"].shape[-2:]) == (192, 192)
+    assert batch["patch_targets"].shape == (3, 2 + 4, 64)  # 8 x 8 patches of 24 px
+    assert batch["token_targets"].shape == (3, 2 + 4, 16)
+    # the same 8 x 8 cells as the 128 / 16 model's: the same characters under the same strips,
+    # and shapes and colours but where a finer label map tips a cell's cover over the threshold
+    plain = collate(examples, build(0)[1], 4)["patch_targets"]
+    assert torch.equal(batch["patch_targets"][:, 2:], plain[:, 2:])
+    assert (batch["patch_targets"][:, :2] == plain[:, :2]).float().mean() > 0.9
+    keep = ("input_ids", "attention_mask", "pixel_values", "pixel_attention_mask", "labels")
+    out = model(**{k: batch[k] for k in keep})
+    assert torch.isfinite(out.loss)
+    args = argparse.Namespace(
+        steps=10, batch_size=4, lr=1e-3, seed=0, char_columns=4, token_chars=True,
+        glyph_weight=1.0, tower_steps=0, draw_max=384, attend_weight=0.1, colour_weight=0.3,
+        read_weight=0.1, made_faces=0.0, pin_math=True, init_from=None, bf16=False, warmup=200,
+        patch_weight=1.0, threads=2,
+    )  # fmt: skip
+    card = model_card(1, args, 1.0, 0.5, size)
+    assert "--draw-max 384 " in card
+    assert "--image-size 192 --patch-size 24" in card
+    assert "--image-size" not in model_card(1, args, 1.0, 0.5, SIZE)

@@ -46,8 +46,20 @@ SETS: dict[str, world.Style] = {"held-out": "train", "different": "alt"}
 TARGETS = {"describe": 90, "count": 90, "color": 90, "exists": 90, "text": 80, "pair": 90}
 # Reading, scored apart: the "text" questions about images that have printed text (a "text"
 # question about an image without any is answered "There is no text.", which a model that cannot
-# read gets right too), as whole words and as characters in place.
-READING = {"read": ("reading (images with text)", 80), "read_chars": ("characters read", None)}
+# read gets right too), as whole words and as characters in place; and whole again, split into
+# numbers (random digits: nothing but the image says what they are) and words (from a list the
+# language model knows, so a word half read can still come out whole).
+READING = {
+    "read": ("reading (images with text)", 80),
+    "read_chars": ("characters read", None),
+    "read_words": ("words read", None),
+    "read_numbers": ("numbers read", None),
+}
+
+
+def reading_kind(printed: str) -> str:
+    """Which reading row a printed text counts in besides "read": numbers or words."""
+    return "read_numbers" if printed.isdigit() else "read_words"
 
 
 def characters_right(got: str, want: str) -> tuple[int, int]:
@@ -111,6 +123,7 @@ async def evaluate(model: Path, n: int, seed: int) -> dict[str, Any]:
                     printed = example.scenes[0].text if kind == "text" else None
                     if printed:
                         scores.setdefault("read", []).append(int(ok))
+                        scores.setdefault(reading_kind(printed), []).append(int(ok))
                         right, total = characters_right(got, printed)
                         chars[0] += right
                         chars[1] += total

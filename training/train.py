@@ -107,13 +107,13 @@ def build(seed: int, size: Size | None = None) -> tuple[Any, Any]:
     return model, processor
 
 
-def shrink(image: Image.Image) -> Image.Image:
-    """Box-filter an image much larger than the model's input down to about twice its size first:
-    the processor's Lanczos resize of a 1,120 px image costs more than the model's step on it,
-    and the result is the same to within a grey level or two."""
+def shrink(image: Image.Image, side: int = SIZE.image_size) -> Image.Image:
+    """Box-filter an image much larger than the model's input (`side` px) down to about twice its
+    size first: the processor's Lanczos resize of a 1,120 px image costs more than the model's
+    step on it, and the result is the same to within a grey level or two."""
     factor = (
-        max(1, image.width // (2 * SIZE.image_size)),
-        max(1, image.height // (2 * SIZE.image_size)),
+        max(1, image.width // (2 * side)),
+        max(1, image.height // (2 * side)),
     )
     return image.reduce(factor) if factor != (1, 1) else image
 
@@ -136,14 +136,15 @@ def _answer_spans(row: list[int], answers: list[list[int]], cue: list[int]) -> l
 
 
 def collate(
-    examples: list[Example], processor: Any, columns: int = patches.COLUMNS
+    examples: list[Example], processor: Any, columns: int = patches.COLUMNS, size: Size = SIZE
 ) -> dict[str, torch.Tensor]:
-    """Tokenize whole chats; the loss is on the answers (each with its end token) only."""
+    """Tokenize whole chats; the loss is on the answers (each with its end token) only. `size`
+    is the model's: its input and patch sizes place the read-outs' targets."""
     texts, images, answers = [], [], []
     tokenizer = processor.tokenizer
     for ex in examples:
         texts.append(processor.apply_chat_template(ex.messages(answered=True)))
-        images.append([shrink(image) for image in ex.images])
+        images.append([shrink(image, size.image_size) for image in ex.images])
         answers.append(
             [
                 tokenizer(" " + answer + EOS, add_special_tokens=False).input_ids
@@ -166,7 +167,7 @@ def collate(
     drawn = [pair for ex in examples for pair in zip(ex.scenes, ex.labels, strict=True)]
     out["patch_targets"] = torch.stack(
         [
-            patches.targets(scene, label, SIZE.image_size, SIZE.patch_size, columns)
+            patches.targets(scene, label, size.image_size, size.patch_size, columns)
             for scene, label in drawn
         ]
     )
@@ -225,8 +226,10 @@ class Batches(IterableDataset[dict[str, torch.Tensor]]):
         columns: int,
         draw_max: int | None = None,
         made_faces: float = 0.0,
+        size: Size = SIZE,
     ) -> None:
         self.processor = processor
+        self.size = size
         self.draw_max = draw_max
         self.made_faces = made_faces
         self.columns = columns
@@ -261,7 +264,7 @@ class Batches(IterableDataset[dict[str, torch.Tensor]]):
                 )
                 for kind in kinds
             ]
-            yield collate(examples, self.processor, self.columns)
+            yield collate(examples, self.processor, self.columns, self.size)
 
 
 def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
@@ -301,6 +304,8 @@ def model_card(
         + f"--tower-steps {args.tower_steps} --draw-max {args.draw_max} "
         f"--attend-weight {args.attend_weight}"
         + (f" --scale-factor {size.scale_factor}" if size.scale_factor != SIZE.scale_factor else "")
+        + (f" --image-size {size.image_size}" if size.image_size != SIZE.image_size else "")
+        + (f" --patch-size {size.patch_size}" if size.patch_size != SIZE.patch_size else "")
         + (f" --colour-weight {args.colour_weight}" if args.colour_weight else "")
         + (f" --read-weight {args.read_weight}" if args.read_weight else "")
         + (f" --made-faces {made_faces}" if (made_faces := getattr(args, "made_faces", 0)) else "")
@@ -422,6 +427,7 @@ def warm_tower(
     heads: patches.PatchHeads,
     token_heads: patches.PatchHeads,
     args: argparse.Namespace,
+    size: Size = SIZE,
 ) -> None:
     """Train the vision tower and the connector alone on the per-patch read-outs.
 
@@ -446,6 +452,7 @@ def warm_tower(
             args.char_columns,
             args.draw_max or None,
             args.made_faces,
+            size,
         ),
         batch_size=None,
         num_workers=args.workers,
@@ -542,9 +549,9 @@ def main() -> None:
     parser.add_argument(
         "--draw-max",
         type=int,
-        default=2 * SIZE.image_size,
+        default=None,
         help="draw scenes larger than this many px on their longer side at this size (grain "
-        "scaled to match; 0: draw every scene at its full size)",
+        "scaled to match; 0: draw every scene at its full size; default: twice --image-size)",
     )
     parser.add_argument(
         "--made-faces",
@@ -585,6 +592,20 @@ def main() -> None:
         "64, finer for reading and slower)",
     )
     parser.add_argument(
+        "--image-size",
+        type=int,
+        default=SIZE.image_size,
+        help="the model's input: every image is resized to this square (no tiling)",
+    )
+    parser.add_argument(
+        "--patch-size",
+        type=int,
+        default=SIZE.patch_size,
+        help="the vision tower's patches, in px of the input (--image-size 192 --patch-size 24: "
+        "the same 8 x 8 patches and image tokens as 128 / 16, each patch seeing 1.5 times as "
+        "many pixels of the picture)",
+    )
+    parser.add_argument(
         "--init-from",
         type=Path,
         default=None,
@@ -617,7 +638,14 @@ def main() -> None:
     print(f"kernels: {torch.backends.cpu.get_cpu_capability()}", flush=True)
 
     torch.set_num_threads(args.threads)
-    size = replace(SIZE, scale_factor=args.scale_factor)
+    size = replace(
+        SIZE,
+        scale_factor=args.scale_factor,
+        image_size=args.image_size,
+        patch_size=args.patch_size,
+    )
+    if args.draw_max is None:
+        args.draw_max = 2 * size.image_size
     model, processor = build(args.seed, size)
     if args.init_from:
         start_from(model, args.init_from)
@@ -635,6 +663,7 @@ def main() -> None:
             args.char_columns,
             args.draw_max or None,
             args.made_faces,
+            size,
         ),
         batch_size=None,
         num_workers=args.workers,
@@ -642,15 +671,15 @@ def main() -> None:
         persistent_workers=False,
     )
     heads = patches.PatchHeads(
-        SIZE.vision_hidden, columns=args.char_columns, glyph_weight=args.glyph_weight
+        size.vision_hidden, columns=args.char_columns, glyph_weight=args.glyph_weight
     )
     heads.attach(model.model.vision_model)
     token_names = ("shape", "color", "char") if args.token_chars else ("shape", "color")
     token_heads = patches.PatchHeads(
-        SIZE.hidden, token_names, columns=args.char_columns, glyph_weight=args.glyph_weight
+        size.hidden, token_names, columns=args.char_columns, glyph_weight=args.glyph_weight
     )
     token_heads.attach(model.model.connector)
-    readout = lookup.ColourReadout(SIZE.hidden)
+    readout = lookup.ColourReadout(size.hidden)
     aids = [*heads.parameters(), *token_heads.parameters()]
     if args.colour_weight:
         aids += list(readout.parameters())
@@ -663,7 +692,7 @@ def main() -> None:
     model.train()
     started = time.perf_counter()
     if args.tower_steps and not args.probe:
-        warm_tower(model, processor, heads, token_heads, args)
+        warm_tower(model, processor, heads, token_heads, args, size)
     looping = time.perf_counter()  # the whole model's steps/s leave the warm-up out
     window: list[float] = []
     patch_window: list[float] = []
