@@ -162,7 +162,9 @@ def test_a_batch_gives_its_chats_one_layout(monkeypatch: pytest.MonkeyPatch) -> 
 
     batches: list[list[Example]] = []
 
-    def keep(examples: list[Example], processor: object, columns: int) -> dict[str, object]:
+    def keep(
+        examples: list[Example], processor: object, columns: int, size: object
+    ) -> dict[str, object]:
         batches.append(examples)
         return {}
 
