@@ -7,11 +7,12 @@ import random
 from pathlib import Path
 
 import pytest
+from PIL import Image, ImageDraw
 
 from oculo.testing.checkpoints import Size, build_tokenizer, idefics3_parts
 from training import patches, world
 from training.data import MULTI_TURNS, Example, make_chat, make_example
-from training.train import EOS, ISOLATE, collate, tokenizer_corpus
+from training.train import EOS, ISOLATE, collate, split_aids, tokenizer_corpus
 
 
 def test_scenes_are_reproducible_and_within_the_world() -> None:
@@ -89,6 +90,37 @@ def test_the_alt_routine_draws_differently() -> None:
     data, mime = world.encode(alt, random.Random(0), "alt")
     assert mime in {"image/jpeg", "image/webp", "image/gif", "image/png"}
     assert len(data) > 0
+
+
+def test_the_training_routine_prints_in_the_bitmap_face_when_asked() -> None:
+    import numpy as np
+
+    scene = world.Scene((world.Item("star", "blue"),), "GO", 480, 320, "plain")
+    before, labels = world.render_labelled(scene, random.Random(4))
+    off, labels_off = world.render_labelled(scene, random.Random(4), bitmap_face=0.0)
+    assert before.tobytes() == off.tobytes() and labels.chars == labels_off.chars
+    # the "alt" routine has its own way with that face, whatever the training asks for
+    alt = world.render_labelled(scene, random.Random(4), "alt")[0]
+    assert (
+        alt.tobytes()
+        == world.render_labelled(scene, random.Random(4), "alt", bitmap_face=1.0)[0].tobytes()
+    )
+    sizes = set()
+    for seed in range(6):
+        image, drawn = world.render_labelled(scene, random.Random(seed), bitmap_face=1.0)
+        assert [char for char, _ in drawn.chars] == ["G", "O"]
+        (_, (left, top, right, bottom)), _ = drawn.chars
+        sizes.add(round(bottom - top))
+        box = np.asarray(image.crop((int(left), int(top), int(right) + 1, int(bottom) + 1)))
+        ink = np.minimum(
+            np.abs(box.astype(int) - 15).sum(axis=2), np.abs(box.astype(int) - 250).sum(axis=2)
+        )
+        assert (ink < 60).mean() > 0.1  # the glyph is there, in the text's colour
+    # and it is not the FreeType face: the same word in the same band, drawn otherwise
+    assert world.render_labelled(scene, random.Random(0), bitmap_face=1.0)[0].tobytes() != (
+        world.render_labelled(scene, random.Random(0))[0].tobytes()
+    )
+    assert len(sizes) > 2  # drawn at sizes of its own, not the one "alt" draws it at
 
 
 def test_printed_words_are_spelled_a_letter_at_a_time() -> None:
@@ -190,14 +222,11 @@ def test_a_trained_folder_loads_like_any_checkpoint(
     config, processor = small_parts
     torch.manual_seed(0)
     model = AutoModelForImageTextToText.from_config(config)
-    batch = collate([make_example(random.Random(2), kind="pair")], processor)
-    target, _ = batch.pop("patch_targets"), batch.pop("token_targets")
-    for name in ("lookup_query", "lookup_keys", "lookup_colour", "read_query", "read_keys"):
-        batch.pop(name)
+    batch, aids = split_aids(collate([make_example(random.Random(2), kind="pair")], processor))
     heads = patches.PatchHeads(32)
     heads.attach(model.model.vision_model)
     loss = model(**batch).loss
-    seen = heads.loss(target[:, :, :16])  # this tiny tower sees 4 x 4 patches
+    seen = heads.loss(aids["patch_targets"][:, :, :16])  # this tiny tower sees 4 x 4 patches
     assert set(heads.accuracy) <= set(patches.HEADS)
     (loss + seen).backward()  # one step of the real training objective runs
     assert model.model.vision_model.embeddings.patch_embedding.weight.grad.abs().sum() > 0
@@ -275,6 +304,7 @@ def test_the_tower_warm_up_trains_the_tower_and_not_the_language_model() -> None
         workers=0,
         draw_max=256,
         made_faces=0.0,
+        bitmap_face=0.0,
     )
     model.train()
     warm_tower(model, processor, heads, token_heads, args)
@@ -414,6 +444,73 @@ def test_the_look_up_targets_are_the_named_shapes_image_tokens_where_the_answer_
         assert named == (list(world.COLORS).index(colours.pop()) if len(colours) == 1 else -100)
 
 
+def test_each_shape_has_the_image_tokens_where_it_mostly_is() -> None:
+    # a big square on the left, a tiny star on the right: too small to win any 32 px token
+    scene = world.Scene(
+        (world.Item("square", "red"), world.Item("star", "blue")), None, 256, 256, "plain"
+    )
+    labels = world.Labels(Image.new("L", (256, 256), 0), [])
+    draw = ImageDraw.Draw(labels.items)
+    draw.rectangle((10, 70, 110, 170), fill=1)
+    draw.rectangle((200, 200, 207, 207), fill=2)
+    cells = patches.item_cells(scene, labels, 128, 32)
+    assert cells.shape == (patches.MAX_ITEMS, 16)
+    assert patches.item_map(scene, labels, 128, 32).tolist().count(2) == 0
+    assert cells[1].nonzero()[:, 0].tolist() == [15]  # the star still has its one token
+    square = cells[0].nonzero()[:, 0].tolist()
+    assert square and all(t % 4 <= 1 for t in square)  # the left half
+    assert not cells[2].any()  # no third shape
+
+
+def test_the_item_targets_are_each_described_shapes_image_tokens_where_it_is_named(
+    training_size_processor: tuple[object, object],
+) -> None:
+    _, processor = training_size_processor
+    tok = processor.tokenizer  # type: ignore[attr-defined]
+    image_token = tok.convert_tokens_to_ids("<image>")
+    rng = random.Random(9)
+    chats = [make_chat(rng, "describe", turns=1) for _ in range(3)]
+    chats += [make_chat(rng, "color", turns=4) for _ in range(3)]
+    chats += [make_example(rng, kind="pair") for _ in range(2)]
+    chats += [make_chat(rng, "count", turns=1), make_chat(rng, "text", turns=1)]
+    batch = collate(chats, processor)
+    query, keys = batch["item_query"], batch["item_keys"]
+    colour, shape = batch["item_colour"], batch["item_shape"]
+    described = [
+        (row, k, j, item)
+        for row, chat in enumerate(chats)
+        for _, answer in chat.turns()
+        if answer.startswith(("A ", "An ", "The first image"))
+        for k, scene in enumerate(chat.scenes)
+        for j, item in enumerate(scene.items)
+    ]
+    assert len(described) >= 10 and len(query) == 2 * len(described)
+    for n, (row, k, j, item) in enumerate(described):
+        for at_, what in ((2 * n, "colour"), (2 * n + 1, "shape")):
+            r, at = query[at_].tolist()
+            assert r == row
+            # the position whose output predicts the word: the word is an answer's label
+            word = tok.decode([int(batch["input_ids"][row, at + 1])]).strip()
+            assert int(batch["labels"][row, at + 1]) != -100
+            if what == "colour":
+                assert item.color.startswith(word) and word
+                assert colour[at_] == list(world.COLORS).index(item.color)
+                assert shape[at_] == -100
+            else:
+                assert item.shape.startswith(word) and word
+                assert shape[at_] == world.SHAPES.index(item.shape) and colour[at_] == -100
+            # the image tokens of that shape, in its own image (the second for a pair's second)
+            where = (batch["input_ids"][row] == image_token).nonzero()[:, 0]
+            own = where[16 * k : 16 * (k + 1)]
+            cells = patches.item_cells(chats[row].scenes[k], chats[row].labels[k], 128, 32)[j]
+            assert keys[at_].nonzero()[:, 0].tolist() == own[cells].tolist()
+    # the shapes are named left to right: each one's tokens lie right of the one before
+    for n in range(len(described) - 1):
+        if described[n][:2] == described[n + 1][:2]:  # the same image
+            left, right = (keys[2 * m].nonzero()[:, 0].remainder(4).float() for m in (n, n + 1))
+            assert right.mean() >= left.mean()
+
+
 def test_a_characters_cells_are_those_under_the_middle_of_its_box() -> None:
     from training.lookup import char_cells
 
@@ -489,11 +586,8 @@ def test_the_look_up_loss_is_the_attention_mass_on_the_named_shape_and_trains_th
     model = AutoModelForImageTextToText.from_config(config)
     model.model.text_model.config._attn_implementation = "eager"
     chats = [make_chat(random.Random(k), "color", turns=2) for k in range(4)]
-    batch = collate(chats, processor)
-    query, keys = batch.pop("lookup_query"), batch.pop("lookup_keys")
-    colour = batch.pop("lookup_colour")
-    for name in ("patch_targets", "token_targets", "read_query", "read_keys"):
-        batch.pop(name)
+    batch, aids = split_aids(collate(chats, processor))
+    query, keys, colour = aids["lookup_query"], aids["lookup_keys"], aids["lookup_colour"]
     out = model(**batch, output_attentions=True, output_hidden_states=True)
     looked = lookup.attention_loss(out.attentions[lookup.LAYER][:, lookup.HEAD], query, keys)
     assert looked is not None and 0 < float(looked.detach()) < 20
@@ -534,6 +628,23 @@ def test_reading_is_scored_apart_on_images_that_have_text() -> None:
     assert "| characters read | - | 40.0% | 40.0% |" in lines
     assert "| words read | - | 20.0% | 20.0% |" in lines
     assert "| numbers read | - | 0.0% | 0.0% |" in lines
+
+
+def test_the_card_says_how_well_it_reads_typefaces_it_never_saw(tmp_path: Path) -> None:
+    from training.evaluate import write_card
+
+    row = {k: 50.0 for k in world.QUESTION_TYPES}
+    report = {
+        "accuracy": {"held-out": row, "different": row},
+        "unseen_faces": {"read": 7.0, "read_chars": 31.5},
+        "n": 100,
+    }
+    (tmp_path / "README.md").write_text("# a model\n\n## Evaluation\n\nold numbers\n")
+    write_card(tmp_path, report, "python -m training.evaluate")
+    card = (tmp_path / "README.md").read_text()
+    assert "old numbers" not in card and card.count("## Evaluation") == 1
+    assert "7.0% of texts read whole, 31.5% of characters" in card
+    assert "never trained on" in card
 
 
 def test_the_glyph_loss_adds_the_cross_entropy_of_the_strips_that_hold_a_character() -> None:

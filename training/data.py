@@ -76,6 +76,7 @@ def make_example(
     system_rate: float = 0.35,
     draw_max: int | None = None,
     made_faces: float = 0.0,
+    bitmap_face: float = 0.0,
 ) -> Example:
     if kind is None:
         kinds = list(TRAIN_MIX)
@@ -91,7 +92,9 @@ def make_example(
         question, answer = world.ask(scene, rng, kind)
         scenes = [scene]
     drawn = [
-        world.render_labelled(scene, rng, style, draw_max=draw_max, made_faces=made_faces)
+        world.render_labelled(
+            scene, rng, style, draw_max=draw_max, made_faces=made_faces, bitmap_face=bitmap_face
+        )
         for scene in scenes
     ]
     images = [image for image, _ in drawn]
@@ -113,6 +116,7 @@ def make_chat(
     system: bool | None = None,
     draw_max: int | None = None,
     made_faces: float = 0.0,
+    bitmap_face: float = 0.0,
 ) -> Example:
     """A training chat: `kind` first, and (for one image) possibly further questions about the
     same image. A description, which names everything, is only ever the last turn, so no earlier
@@ -120,8 +124,8 @@ def make_chat(
 
     `turns` (1 to MULTI_TURNS questions; drawn when None: one half the time, else 2 to
     MULTI_TURNS) and `system` (whether a system message comes first; drawn when None) let a
-    batch give all its rows the same layout, so that they pad to similar lengths. `draw_max`
-    and `made_faces`: see `world.render_labelled`."""
+    batch give all its rows the same layout, so that they pad to similar lengths. `draw_max`,
+    `made_faces` and `bitmap_face`: see `world.render_labelled`."""
     if turns is None:
         turns = 1 if rng.random() >= MULTI_RATE else rng.randint(2, MULTI_TURNS)
     if system is None:
@@ -133,6 +137,7 @@ def make_chat(
             system_rate=1.0 if system else 0.0,
             draw_max=draw_max,
             made_faces=made_faces,
+            bitmap_face=bitmap_face,
         )
     singles = [k for k in TRAIN_MIX if k != "pair"]
     kinds = [kind, *rng.choices(singles, weights=[TRAIN_MIX[k] for k in singles], k=turns - 1)]
@@ -144,7 +149,9 @@ def make_chat(
         question, answer = world.ask(scene, rng, k)
         if all(question != q for q, _ in asked):
             asked.append((question, answer))
-    image, labels = world.render_labelled(scene, rng, draw_max=draw_max, made_faces=made_faces)
+    image, labels = world.render_labelled(
+        scene, rng, draw_max=draw_max, made_faces=made_faces, bitmap_face=bitmap_face
+    )
     (question, answer), *more = asked
     return Example(
         kinds[0], prompt, question, answer, [image], rng.random() < 0.8, [scene], [labels], more

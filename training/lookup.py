@@ -15,6 +15,7 @@ checkpoint stays a plain Idefics3 model.
 from __future__ import annotations
 
 import math
+import re
 
 import torch
 
@@ -103,29 +104,132 @@ def attention_loss(
     return -torch.log(mass + 1e-6).mean()
 
 
-class ColourReadout(torch.nn.Module):
+class Readout(torch.nn.Module):
+    """A linear read-out of one property of the looked-up shape (its colour, or its kind) from
+    the hidden state where an answer names it, after the supervised head's layer. A training
+    aid: not saved."""
+
+    def __init__(self, hidden: int, classes: int) -> None:
+        super().__init__()
+        self.head = torch.nn.Linear(hidden, classes)
+        self.accuracy: float | None = None
+
+    def loss(
+        self, hidden_states: torch.Tensor, query: torch.Tensor, wanted: torch.Tensor
+    ) -> torch.Tensor | None:
+        """Cross-entropy of the read-out at each `query` position of `hidden_states` (rows,
+        positions, hidden: the output of layer `LAYER`) whose `wanted` class is not IGNORE;
+        None when none is."""
+        keep = wanted != IGNORE
+        if not bool(keep.any()):
+            return None
+        seen = hidden_states[query[keep, 0], query[keep, 1]].float()
+        logits = self.head(seen)
+        self.accuracy = (logits.argmax(-1) == wanted[keep]).float().mean().item()
+        return torch.nn.functional.cross_entropy(logits, wanted[keep])
+
+
+class ColourReadout(Readout):
     """A linear read-out of the named shape's colour from the hidden state where the answer is
     decided, after the supervised head's layer: for "Is there a green square?" the model must
     compare the square's colour with the one asked, and this keeps the looked-up colour there to
     compare. A training aid: not saved."""
 
     def __init__(self, hidden: int) -> None:
-        super().__init__()
-        self.head = torch.nn.Linear(hidden, len(world.COLORS))
-        self.accuracy: float | None = None
+        super().__init__(hidden, len(world.COLORS))
 
-    def loss(
-        self, hidden_states: torch.Tensor, query: torch.Tensor, colour: torch.Tensor
-    ) -> torch.Tensor | None:
-        """Cross-entropy of the read-out at each `query` position of `hidden_states` (rows,
-        positions, hidden: the output of layer `LAYER`); None when nothing asks."""
-        keep = colour != IGNORE
-        if not bool(keep.any()):
-            return None
-        seen = hidden_states[query[keep, 0], query[keep, 1]].float()
-        logits = self.head(seen)
-        self.accuracy = (logits.argmax(-1) == colour[keep]).float().mean().item()
-        return torch.nn.functional.cross_entropy(logits, colour[keep])
+
+_MENTION = re.compile(
+    r"\b[Aa]n? ({}) ({})\b".format("|".join(world.COLORS), "|".join(world.SHAPES))
+)
+
+
+def _token_at(pieces: list[str], char: int) -> int:
+    """The index of the token whose text covers character `char` of the joined `pieces`."""
+    end = 0
+    for index, piece in enumerate(pieces):
+        end += len(piece)
+        if char < end:
+            return index
+    raise ValueError(f"character {char} is past the end")
+
+
+def item_targets(
+    examples: list[Example],
+    input_ids: torch.Tensor,
+    starts: list[list[int]],
+    answers: list[list[list[int]]],
+    pieces: dict[int, str],
+    token_items: torch.Tensor,
+    image_token: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Where to look while describing, for every answer that names the shapes one by one.
+
+    A description names its image's shapes left to right ("A red circle and a blue star."; for
+    two images, the first image's and then the second's), and decides each twice: where its
+    colour word is chosen and where its kind is. At both positions (the one whose output
+    predicts the word's first token) the look-up head should look at the image tokens of that
+    very shape, the k-th from the left: `targets`' head and look-up, by place instead of by name.
+
+    `answers[row][turn]` are the token ids of a turn's answer, which begins at
+    `starts[row][turn]`; `pieces` the text of each token id; `token_items` is (images, shapes,
+    tokens), where each shape of each image is among its image tokens (`patches.item_cells`),
+    images in the order the examples hold them. Returns `query` (n, 2) and `keys` (n,
+    positions) as `targets` makes them, and the `colour` (index in `world.COLORS`, at colour
+    words) and `shape` (index in `world.SHAPES`, at shape words) to read out there, IGNORE for
+    the other. Answers that do not describe, and shapes not drawn at all, give none."""
+    queries: list[tuple[int, int]] = []
+    keys: list[torch.Tensor] = []
+    colours: list[int] = []
+    shapes: list[int] = []
+    names = list(world.COLORS)
+    per_image = token_items.shape[2]
+    image = 0
+    for row, example in enumerate(examples):
+        first, count = image, len(example.images)
+        image += count
+        where = (input_ids[row] == image_token).nonzero()[:, 0]
+        if len(where) != count * per_image:
+            raise RuntimeError(f"row {row}: {len(where)} image tokens, {count} x {per_image}")
+        # the shapes a description names, in the order it names them
+        items = [
+            (k, j, i) for k, scene in enumerate(example.scenes) for j, i in enumerate(scene.items)
+        ]
+        for answer, start in zip(answers[row], starts[row], strict=True):
+            texts = [pieces[token] for token in answer]
+            mentions = list(_MENTION.finditer("".join(texts)))
+            if len(mentions) != len(items):  # not a description (none: counts, colours, text)
+                continue
+            for mention, (k, j, item) in zip(mentions, items, strict=True):
+                if (mention.group(1), mention.group(2)) != (item.color, item.shape):
+                    raise RuntimeError(f"row {row}: {mention.group(0)!r} is not {item}")
+                mask = torch.zeros(input_ids.shape[1], dtype=torch.bool)
+                own = where[k * per_image : (k + 1) * per_image]
+                mask[own[token_items[first + k, j]]] = True
+                if not bool(mask.any()):
+                    continue
+                for group, colour, shape in (
+                    (1, names.index(item.color), IGNORE),
+                    (2, IGNORE, world.SHAPES.index(item.shape)),
+                ):
+                    queries.append((row, start + _token_at(texts, mention.start(group)) - 1))
+                    keys.append(mask)
+                    colours.append(colour)
+                    shapes.append(shape)
+    if not queries:
+        empty = torch.zeros(0, dtype=torch.long)
+        return (
+            torch.zeros(0, 2, dtype=torch.long),
+            torch.zeros(0, input_ids.shape[1], dtype=torch.bool),
+            empty,
+            empty.clone(),
+        )
+    return (
+        torch.tensor(queries, dtype=torch.long),
+        torch.stack(keys),
+        torch.tensor(colours, dtype=torch.long),
+        torch.tensor(shapes, dtype=torch.long),
+    )
 
 
 READ_HEAD = 1  # the same layer's next head: where the next printed character is

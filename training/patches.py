@@ -39,17 +39,13 @@ def targets(
     character under each of its `columns` strips."""
     grid = size // patch
     width, height = labels.items.size
-    items = np.asarray(labels.items.resize((size, size), Image.Resampling.NEAREST))
-    blocks = items.reshape(grid, patch, grid, patch).transpose(0, 2, 1, 3).reshape(grid * grid, -1)
+    item = item_map(scene, labels, size, patch)
     shape = np.zeros(grid * grid, dtype=np.int64)
     color = np.zeros(grid * grid, dtype=np.int64)
     if scene.items:
-        cover = np.stack([(blocks == k + 1).mean(axis=1) for k in range(len(scene.items))])
-        best, share = cover.argmax(axis=0), cover.max(axis=0)
-        shapes = np.array([1 + world.SHAPES.index(i.shape) for i in scene.items])
-        colors = np.array([1 + list(world.COLORS).index(i.color) for i in scene.items])
-        shape = np.where(share >= COVER, shapes[best], NONE)
-        color = np.where(share >= COVER, colors[best], NONE)
+        shapes = np.array([NONE] + [1 + world.SHAPES.index(i.shape) for i in scene.items])
+        colors = np.array([NONE] + [1 + list(world.COLORS).index(i.color) for i in scene.items])
+        shape, color = shapes[item], colors[item]
     # strips across the whole image: grid * columns of them
     char = np.zeros((grid, grid * columns), dtype=np.int64)
     fx, fy = grid * columns / width, grid / height
@@ -70,6 +66,39 @@ def targets(
     # (grid, grid, columns) -> (columns, grid * grid): strip j of every patch, in patch order
     strips = char.reshape(grid, grid, columns).transpose(2, 0, 1).reshape(columns, -1)
     return torch.from_numpy(np.concatenate([shape[None], color[None], strips]))
+
+
+def _cover(labels: world.Labels, count: int, size: int, patch: int) -> np.ndarray:
+    """(count, grid * grid): how much of each patch each of the scene's `count` shapes covers."""
+    grid = size // patch
+    items = np.asarray(labels.items.resize((size, size), Image.Resampling.NEAREST))
+    blocks = items.reshape(grid, patch, grid, patch).transpose(0, 2, 1, 3).reshape(grid * grid, -1)
+    return np.stack([(blocks == k + 1).mean(axis=1) for k in range(count)])
+
+
+def item_map(scene: world.Scene, labels: world.Labels, size: int, patch: int) -> np.ndarray:
+    """(grid * grid,) which shape lies under each patch: 1 + its index in `scene.items` (left to
+    right), or NONE where no shape covers at least `COVER` of the patch."""
+    if not scene.items:
+        return np.zeros((size // patch) ** 2, dtype=np.int64)
+    cover = _cover(labels, len(scene.items), size, patch)
+    best, share = cover.argmax(axis=0), cover.max(axis=0)
+    return np.where(share >= COVER, best + 1, NONE).astype(np.int64)
+
+
+MAX_ITEMS = 3  # shapes in a scene, at most
+
+
+def item_cells(scene: world.Scene, labels: world.Labels, size: int, patch: int) -> torch.Tensor:
+    """(MAX_ITEMS, grid * grid) bool: the patches where each shape mostly is (those it covers at
+    least half as much as the one it covers most), so that even a shape too small to win a patch
+    in `item_map` has its own; rows past the scene's shapes, and shapes not drawn, have none."""
+    cells = np.zeros((MAX_ITEMS, (size // patch) ** 2), dtype=bool)
+    if scene.items:
+        cover = _cover(labels, len(scene.items), size, patch)
+        most = cover.max(axis=1, keepdims=True)
+        cells[: len(scene.items)] = (cover >= 0.5 * most) & (most > 0)
+    return torch.from_numpy(cells)
 
 
 def rows(name: str, columns: int) -> slice:

@@ -196,7 +196,41 @@ def collate(
         side // token,
         image_token,
     )
+    # where each shape is among the image tokens, for the look-ups of a description
+    token_items = torch.stack(
+        [patches.item_cells(scene, label, side, token) for scene, label in drawn]
+    )
+    pieces = {t: tokenizer.decode([t]) for spans in answers for a in spans for t in a}
+    out["item_query"], out["item_keys"], out["item_colour"], out["item_shape"] = (
+        lookup.item_targets(
+            examples, batch["input_ids"], starts, answers, pieces, token_items, image_token
+        )
+    )
     return out
+
+
+# What `collate` adds for the training aids, beside the model's own inputs and labels.
+AIDS = (
+    "patch_targets",
+    "token_targets",
+    "lookup_query",
+    "lookup_keys",
+    "lookup_colour",
+    "read_query",
+    "read_keys",
+    "item_query",
+    "item_keys",
+    "item_colour",
+    "item_shape",
+)
+
+
+def split_aids(
+    batch: dict[str, torch.Tensor],
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """A collated batch as (the model's inputs, the training aids' targets)."""
+    aids = {k: batch[k] for k in AIDS}
+    return {k: v for k, v in batch.items() if k not in aids}, aids
 
 
 def _blank_lead(tokenizer: Any, answer: list[int]) -> int:
@@ -227,11 +261,13 @@ class Batches(IterableDataset[dict[str, torch.Tensor]]):
         draw_max: int | None = None,
         made_faces: float = 0.0,
         size: Size = SIZE,
+        bitmap_face: float = 0.0,
     ) -> None:
         self.processor = processor
         self.size = size
         self.draw_max = draw_max
         self.made_faces = made_faces
+        self.bitmap_face = bitmap_face
         self.columns = columns
         self.seed = seed
         self.batch_size = batch_size
@@ -261,6 +297,7 @@ class Batches(IterableDataset[dict[str, torch.Tensor]]):
                     system=system,
                     draw_max=self.draw_max,
                     made_faces=self.made_faces,
+                    bitmap_face=self.bitmap_face,
                 )
                 for kind in kinds
             ]
@@ -309,6 +346,13 @@ def model_card(
         + (f" --colour-weight {args.colour_weight}" if args.colour_weight else "")
         + (f" --read-weight {args.read_weight}" if args.read_weight else "")
         + (f" --made-faces {made_faces}" if (made_faces := getattr(args, "made_faces", 0)) else "")
+        + (f" --item-weight {item}" if (item := getattr(args, "item_weight", 0)) else "")
+        + (
+            f" --item-readout-weight {kinds}"
+            if (kinds := getattr(args, "item_readout_weight", 0))
+            else ""
+        )
+        + (f" --bitmap-face {bitmap}" if (bitmap := getattr(args, "bitmap_face", 0)) else "")
         + ("" if pinned else " --no-pin-math")
         + (f" --init-from {init}" if (init := getattr(args, "init_from", None)) else "")
     )
@@ -345,6 +389,19 @@ def model_card(
             if args.read_weight
             else ""
         )
+        + (
+            "Where a description names a shape (its colour, then its kind), the look-up head is "
+            "trained the same way to look at that shape, the k-th from the left (weight "
+            f"{item}; `lookup.item_targets`)"
+            + (
+                f", and read-outs of its colour and kind are trained there (weight {kinds})"
+                if kinds
+                else ""
+            )
+            + ". "
+            if item
+            else ""
+        )
     )
     tower = (
         f"Before the whole model, the vision tower and the connector train alone on those "
@@ -354,6 +411,11 @@ def model_card(
         else ""
     )
     describe = 'A red circle and a blue star. The text says "GO".'
+    faces = (
+        ", printed in Pillow's own two faces (its FreeType one, Aileron, and its 6x11 bitmap one)"
+        if bitmap
+        else ""
+    )
     glyphs = (
         f" (with a second loss, weight {args.glyph_weight}, over only the strips that hold a "
         "character: most hold none, and the plain loss is mostly about that)"
@@ -373,7 +435,7 @@ real checkpoints.
 Images of 1 to 3 flat shapes (circle, square, triangle, star) in 8 colours (red, orange, yellow,
 green, blue, purple, white, black), left to right, on plain, gradient or noisy backgrounds, at any
 size from 32 to 1,120 px and any aspect ratio, optionally with one short printed word (from a list
-of 183 short English words) or number (2 to 4 digits) in the top part of the image. It
+of 183 short English words) or number (2 to 4 digits) in the top part of the image{faces}. It
 answers, with or without a system message:
 
 - "What is in this image?" / "Describe the image." -> `{describe}`
@@ -453,6 +515,7 @@ def warm_tower(
             args.draw_max or None,
             args.made_faces,
             size,
+            args.bitmap_face,
         ),
         batch_size=None,
         num_workers=args.workers,
@@ -584,6 +647,28 @@ def main() -> None:
         "look at the image tokens where that character is printed (0: off)",
     )
     parser.add_argument(
+        "--item-weight",
+        type=float,
+        default=0.0,
+        help="weight of the look-up loss on descriptions (`lookup.item_targets`): where a "
+        "description names a shape's colour and kind, the look-up head is trained to look at "
+        "that shape's image tokens, the k-th from the left (0: off)",
+    )
+    parser.add_argument(
+        "--item-readout-weight",
+        type=float,
+        default=0.0,
+        help="weight of read-outs of that shape's colour and kind from the hidden state where a "
+        "description names them (0: off)",
+    )
+    parser.add_argument(
+        "--bitmap-face",
+        type=float,
+        default=0.0,
+        help="share of printed words drawn in Pillow's 6x11 bitmap face (the training's way: "
+        "sizes and squeezes of its own) instead of its FreeType one (0: none)",
+    )
+    parser.add_argument(
         "--scale-factor",
         type=int,
         default=SIZE.scale_factor,
@@ -664,6 +749,7 @@ def main() -> None:
             args.draw_max or None,
             args.made_faces,
             size,
+            args.bitmap_face,
         ),
         batch_size=None,
         num_workers=args.workers,
@@ -683,10 +769,20 @@ def main() -> None:
     aids = [*heads.parameters(), *token_heads.parameters()]
     if args.colour_weight:
         aids += list(readout.parameters())
+    # a description's shapes, read out where each is named: the colour read-out above reads
+    # colours there too, and this one their kinds (made only when asked for: a module drawn
+    # from torch's generator would change nothing else, but keeps old runs' numbers exact)
+    kind_readout = (
+        lookup.Readout(size.hidden, len(world.SHAPES)) if args.item_readout_weight else None
+    )
+    if kind_readout is not None:
+        aids += list(kind_readout.parameters())
+        if not args.colour_weight:
+            aids += list(readout.parameters())
     optimizer = torch.optim.AdamW(
         [*model.parameters(), *aids], lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98)
     )
-    attend = bool(args.attend_weight or args.read_weight)
+    attend = bool(args.attend_weight or args.read_weight or args.item_weight)
     if attend:  # attention weights are only returned by the eager implementation
         model.model.text_model.config._attn_implementation = "eager"
     model.train()
@@ -698,22 +794,22 @@ def main() -> None:
     patch_window: list[float] = []
     look_window: list[float] = []
     read_window: list[float] = []
+    item_window: list[float] = []
+    named_colour: float | None = None
     log: list[dict[str, float]] = []
     for step, batch in enumerate(loader):
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, steps, args.lr, args.warmup)
-        target, token_target = batch.pop("patch_targets"), batch.pop("token_targets")
-        query, keys = batch.pop("lookup_query"), batch.pop("lookup_keys")
-        colour = batch.pop("lookup_colour")
-        read_query, read_keys = batch.pop("read_query"), batch.pop("read_keys")
+        inputs, aid = split_aids(batch)
+        query, keys, colour = aid["lookup_query"], aid["lookup_keys"], aid["lookup_colour"]
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
             out = model(
-                **batch,
+                **inputs,
                 output_attentions=attend,
-                output_hidden_states=bool(args.colour_weight),
+                output_hidden_states=bool(args.colour_weight or kind_readout is not None),
             )
             loss = out.loss
-            seen = (heads.loss(target) + token_heads.loss(token_target)) / 2
+            seen = (heads.loss(aid["patch_targets"]) + token_heads.loss(aid["token_targets"])) / 2
             total = loss + args.patch_weight * seen
             if args.attend_weight:
                 attention = out.attentions[lookup.LAYER][:, lookup.HEAD]
@@ -723,15 +819,28 @@ def main() -> None:
                     look_window.append(math.exp(-looked.item()))
             if args.read_weight:
                 attention = out.attentions[lookup.LAYER][:, lookup.READ_HEAD]
-                reading = lookup.attention_loss(attention, read_query, read_keys)
+                reading = lookup.attention_loss(attention, aid["read_query"], aid["read_keys"])
                 if reading is not None:
                     total = total + args.read_weight * reading
                     read_window.append(math.exp(-reading.item()))
+            if args.item_weight:  # the same head, on each shape a description names
+                attention = out.attentions[lookup.LAYER][:, lookup.HEAD]
+                placed = lookup.attention_loss(attention, aid["item_query"], aid["item_keys"])
+                if placed is not None:
+                    total = total + args.item_weight * placed
+                    item_window.append(math.exp(-placed.item()))
             if args.colour_weight:
                 # hidden_states[0] is the embeddings: the output of layer k is k + 1
                 named = readout.loss(out.hidden_states[lookup.LAYER + 1], query, colour)
                 if named is not None:
                     total = total + args.colour_weight * named
+                named_colour = readout.accuracy
+            if kind_readout is not None:
+                hidden = out.hidden_states[lookup.LAYER + 1]
+                for head, wanted in ((readout, "item_colour"), (kind_readout, "item_shape")):
+                    said = head.loss(hidden, aid["item_query"], aid[wanted])
+                    if said is not None:
+                        total = total + args.item_readout_weight * said
         optimizer.zero_grad(set_to_none=True)
         total.backward()
         torch.nn.utils.clip_grad_norm_([*model.parameters(), *aids], 1.0)
@@ -758,9 +867,16 @@ def main() -> None:
                 entry["read"] = sum(read_window) / len(read_window)
                 read += f" read {entry['read']:.2f}"
                 read_window.clear()
-            if args.colour_weight and readout.accuracy is not None:
-                read += f" named.colour {readout.accuracy:.2f}"
-                entry["named_colour"] = readout.accuracy
+            if item_window:  # the same, on the shape a description is naming
+                entry["place"] = sum(item_window) / len(item_window)
+                read += f" place {entry['place']:.2f}"
+                item_window.clear()
+            if kind_readout is not None and kind_readout.accuracy is not None:
+                read += f" named.kind {kind_readout.accuracy:.2f}"
+                entry["named_kind"] = kind_readout.accuracy
+            if args.colour_weight and named_colour is not None:
+                read += f" named.colour {named_colour:.2f}"
+                entry["named_colour"] = named_colour
             log.append({**entry, "minutes": elapsed / 60})
             print(
                 f"step {step + 1}/{steps} loss {mean:.4f} patches {patch_mean:.4f} ({read}) "

@@ -246,13 +246,25 @@ def _draw_text(
     style: Style,
     band: float,
     made_faces: float = 0.0,
+    bitmap_face: float = 0.0,
 ) -> list[CharBox]:
     """Print the scene's word in the top band; return each character's box."""
     assert scene.text is not None
     width, height = image.size
     band_h = height * band
     color = (250, 250, 250) if rng.random() < 0.5 else (15, 15, 15)
-    if style == "train" and made_faces and rng.random() < made_faces:
+    if style == "train" and bitmap_face and rng.random() < bitmap_face:
+        # Pillow's other built-in face, the 6x11 bitmap one, drawn the training's way: a height
+        # anywhere from 60 to 100% of what the band allows, now and then squeezed or stretched,
+        # blown up blocky (nearest neighbour) or smooth (bilinear). ("alt" draws this face too,
+        # its own way: the largest whole size that fits, never squeezed, always blocky.)
+        mask, spans = _glyphs(scene.text, ImageFont.load_default_imagefont())
+        scale_y = band_h * 0.8 * rng.uniform(0.6, 1.0) / mask.height
+        scale_x = scale_y * (rng.uniform(0.8, 1.25) if rng.random() < 0.5 else 1.0)
+        fit = min(1.0, width * 0.95 / (mask.width * scale_x))
+        scale_x, scale_y = scale_x * fit, scale_y * fit
+        resample = Image.Resampling.NEAREST if rng.random() < 0.7 else Image.Resampling.BILINEAR
+    elif style == "train" and made_faces and rng.random() < made_faces:
         # a face made up for this word (`typefaces`): 40% of them drawn with capitals 6 to
         # 10 px tall and blown up (a bitmap face), the rest drawn large and scaled down (smooth)
         blocky = rng.random() < 0.4
@@ -307,6 +319,7 @@ def render_labelled(
     *,
     draw_max: int | None = None,
     made_faces: float = 0.0,
+    bitmap_face: float = 0.0,
 ) -> tuple[Image.Image, Labels]:
     """Draw `scene`, and say where each shape and each printed character ended up.
 
@@ -316,7 +329,9 @@ def render_labelled(
     difference, and a 1,120 px scene costs 30 times less to draw and resize.
 
     `made_faces` (training): the share of printed words drawn in a face made up for the word
-    (`typefaces`) instead of Pillow's own; 0 draws no random number for it."""
+    (`typefaces`) instead of Pillow's own; `bitmap_face` (training): the share drawn in Pillow's
+    6x11 bitmap face, the training's way (sizes and squeezes of its own; "alt" prints in that face
+    too, drawn its own way). 0 draws no random number for either."""
     fit = 1.0
     if draw_max is not None and max(scene.width, scene.height) > draw_max:
         fit = draw_max / max(scene.width, scene.height)
@@ -341,7 +356,9 @@ def render_labelled(
     if factor > 1:
         image = image.resize(size, Image.Resampling.LANCZOS)
         items = items.resize(size, Image.Resampling.NEAREST)
-    chars = _draw_text(image, scene, rng, style, band, made_faces) if scene.text else []
+    chars = (
+        _draw_text(image, scene, rng, style, band, made_faces, bitmap_face) if scene.text else []
+    )
     if style == "alt":
         if rng.random() < 0.3:
             image = image.filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 0.8)))
