@@ -773,3 +773,24 @@ def test_a_larger_input_with_larger_patches_keeps_the_grid_and_the_image_tokens(
     assert "--draw-max 384 " in card
     assert "--image-size 192 --patch-size 24" in card
     assert "--image-size" not in model_card(1, args, 1.0, 0.5, SIZE)
+
+
+def test_the_data_worker_draws_at_the_lowest_priority() -> None:
+    """Batches are drawn in a worker process beside the step's two threads; at equal priority
+    it stalls them, so `background` (the loader's worker_init_fn) lowers it to the lowest."""
+    import multiprocessing
+    import os
+
+    from training.train import background
+
+    def child(queue: multiprocessing.Queue[int]) -> None:
+        background(0)
+        queue.put(os.nice(0))
+
+    context = multiprocessing.get_context("fork")
+    queue: multiprocessing.Queue[int] = context.Queue()
+    worker = context.Process(target=child, args=(queue,))
+    worker.start()
+    worker.join(timeout=30)
+    assert queue.get(timeout=5) == 19
+    assert os.nice(0) != 19  # the test's own process keeps its priority

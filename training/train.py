@@ -304,6 +304,14 @@ class Batches(IterableDataset[dict[str, torch.Tensor]]):
             yield collate(examples, self.processor, self.columns, self.size)
 
 
+def background(_worker: int) -> None:
+    """A data worker's start: the lowest CPU priority. The training step keeps both cores busy
+    with its threads, and a worker drawing beside them at equal priority stalls them (each
+    step waits for its slowest thread); at the lowest it draws in the step's single-threaded
+    gaps, and the prefetched batches keep the step fed."""
+    os.nice(19)
+
+
 def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
     if step < warmup:
         return peak * (step + 1) / warmup
@@ -520,6 +528,7 @@ def warm_tower(
         batch_size=None,
         num_workers=args.workers,
         prefetch_factor=4 if args.workers else None,
+        worker_init_fn=background,
     )
     started = time.perf_counter()
     window: list[float] = []
@@ -754,6 +763,7 @@ def main() -> None:
         batch_size=None,
         num_workers=args.workers,
         prefetch_factor=4 if args.workers else None,
+        worker_init_fn=background,
         persistent_workers=False,
     )
     heads = patches.PatchHeads(
