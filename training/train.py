@@ -365,8 +365,8 @@ def model_card(
         + (f" --init-from {init}" if (init := getattr(args, "init_from", None)) else "")
     )
     kernels = (
-        "ATen, MKL and oneDNN held at their AVX2 kernels (`PINNED_MATH`: the same weights on any "
-        "x86-64 machine with AVX2)"
+        "ATen, MKL and oneDNN held at their AVX2 kernels (`PINNED_MATH`: the same weights on "
+        "AMD EPYCs with and without AVX-512; an Intel Xeon parts from them after 200 steps)"
         if pinned
         else "the CPU's own kernels (`--no-pin-math`: another CPU may give other weights)"
     )
@@ -723,8 +723,9 @@ def main() -> None:
         action=argparse.BooleanOptionalAction,
         default=True,
         help="compute with the AVX2 kernels on every machine (PINNED_MATH), so that a run "
-        "gives the same weights on any x86-64 machine with 2 threads (--no-pin-math: the "
-        "CPU's own, faster where it has AVX-512, not reproducible across machines)",
+        "gives the same weights on machines of one CPU vendor with 2 threads (AMD EPYCs with "
+        "and without AVX-512 agree byte for byte; an Intel Xeon parts from them after 200 "
+        "steps; --no-pin-math: the CPU's own kernels, not reproducible across machines)",
     )
     args = parser.parse_args()
     if args.pin_math:
