@@ -230,10 +230,9 @@ def test_the_documented_command_retrains_the_shipped_model_step_for_step(tmp_pat
     Intel Xeon (Sapphire Rapids) under the same pins sums a few products in another order (the
     losses part in the ninth digit by step 50, and by the third at step 250: a whole run of the
     command on an AMD EPYC ended 7 points from the Intel-trained checkpoint on two rows), so the
-    comparison allows a millionth: a change
-    to the recipe or to the code it runs moves these losses by far more (an unpinned run agreed
-    to four decimals up to step 200 and then drifted, ending up to 14 points apart on a row of
-    the evaluation)."""
+    comparison allows a millionth: a change to the recipe or to the code it runs moves these
+    losses by far more (an unpinned run agreed to four decimals up to step 200 and then drifted,
+    ending up to 14 points apart on a row of the evaluation)."""
     argv = the_shipped_command()
     at = argv.index("--out")
     argv[at + 1] = str(tmp_path / "run")

@@ -794,3 +794,13 @@ def test_the_data_worker_draws_at_the_lowest_priority() -> None:
     worker.join(timeout=30)
     assert queue.get(timeout=5) == 19
     assert os.nice(0) != 19  # the test's own process keeps its priority
+
+
+def test_both_training_loops_draw_their_batches_in_background_workers() -> None:
+    from training.train import Batches, background, batch_loader
+
+    batches = Batches(None, 0, 2, 0, 1, 1)
+    loader = batch_loader(batches, 1)
+    assert loader.worker_init_fn is background
+    assert loader.num_workers == 1 and loader.prefetch_factor == 4
+    assert batch_loader(batches, 0).num_workers == 0
