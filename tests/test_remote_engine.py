@@ -185,16 +185,18 @@ def test_sampling_is_forwarded_only_when_chosen() -> None:
             remote(stub.url, temperature=0.0).model_copy(update={"id": "greedy"}),
         ) as base,
     ):
-        assert ask(base, temperature=0.3, top_p=0.9, seed=5, stop=["x"]).status_code == 200
+        r = ask(base, temperature=0.3, top_p=0.9, seed=5, stop=["x"], ignore_eos=True)
+        assert r.status_code == 200
         sent = stub.chat_requests[-1].body
         assert (sent["temperature"], sent["top_p"], sent["seed"], sent["stop"]) == (
             0.3, 0.9, 5, ["x"],
         )  # fmt: skip
+        assert sent["ignore_eos"] is True  # vLLM's, SGLang's and llama.cpp's own name
         body = {"model": "greedy", "messages": [{"role": "user", "content": "Hi"}]}
         r = httpx.post(base + "/v1/chat/completions", json=body, headers=HEADERS)
         assert r.status_code == 200
         sent = stub.chat_requests[-1].body
-        assert sent["temperature"] == 0.0 and "top_p" not in sent
+        assert sent["temperature"] == 0.0 and "top_p" not in sent and "ignore_eos" not in sent
         assert sent["model"] == UPSTREAM_MODEL
         assert sent["messages"] == [{"role": "user", "content": "Hi"}]
 

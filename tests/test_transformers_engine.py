@@ -270,6 +270,20 @@ async def test_seed_makes_sampling_reproducible(engine: TransformersEngine) -> N
     assert any(other != first for other in others)
 
 
+async def test_ignore_eos_runs_every_answer_to_max_tokens(engine: TransformersEngine) -> None:
+    def sampled(seed: int, ignore_eos: bool) -> GenerationRequest:
+        sampling = SamplingParams(temperature=1.0, max_tokens=120, seed=seed, ignore_eos=ignore_eos)
+        return request([user(0, QUESTION)], IMAGES[:1], sampling)
+
+    plain = [(await answer(engine, sampled(seed, False)))[1] for seed in range(8)]
+    # the random model ends some answers early of its own accord...
+    assert any(last.finish_reason == "stop" and last.completion_tokens < 120 for last in plain)
+    for seed in range(8):
+        _, last = await answer(engine, sampled(seed, True))
+        # ...and none when told not to
+        assert (last.finish_reason, last.completion_tokens) == ("length", 120)
+
+
 async def test_top_p_and_penalties_change_the_answer(engine: TransformersEngine) -> None:
     plain, _ = await answer(engine, request([user(0, QUESTION)], IMAGES[:1]))
     penalised = SamplingParams(temperature=0.0, max_tokens=24, frequency_penalty=2.0)

@@ -121,6 +121,7 @@ def _sampling(request: ChatCompletionRequest, defaults: SamplingDefaults) -> Sam
         chosen=chosen,
         stop=stops,
         seed=request.seed,
+        ignore_eos=request.ignore_eos,
         presence_penalty=request.presence_penalty or 0.0,
         frequency_penalty=request.frequency_penalty or 0.0,
     )

@@ -121,6 +121,9 @@ class ChatCompletionRequest(_Lenient):
     top_p: float | None = Field(default=None, gt=0, le=1)
     stop: str | list[str] | None = None
     seed: int | None = None
+    # vLLM's, SGLang's and llama.cpp's extension: never end at the end-of-text token, so that
+    # the answer runs to max_tokens (load tests; a fixed output length)
+    ignore_eos: bool = False
     n: int | None = Field(default=None, ge=1)
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)

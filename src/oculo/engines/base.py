@@ -54,6 +54,7 @@ class SamplingParams:
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    ignore_eos: bool = False  # run to max_tokens: the end-of-text token is never chosen
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     # which of temperature / top_p the request or the model's catalog entry set (the others

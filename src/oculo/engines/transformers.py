@@ -62,6 +62,7 @@ from transformers import (
     AutoProcessor,
     LogitsProcessorList,
     StoppingCriteriaList,
+    SuppressTokensLogitsProcessor,
 )
 
 from oculo.engines.base import Delta, EngineInfo, FinishReason, GenerationRequest, Message
@@ -343,6 +344,8 @@ class TransformersEngine:
         streamer = DeltaStreamer(self._processor.tokenizer, sampling.stop, job)
         halt = Halt(job.cancel, streamer)
         processors = LogitsProcessorList()
+        if sampling.ignore_eos and self._eos_ids:
+            processors.append(SuppressTokensLogitsProcessor(sorted(self._eos_ids), self._device))
         if sampling.presence_penalty or sampling.frequency_penalty:
             processors.append(
                 OpenAIPenalties(

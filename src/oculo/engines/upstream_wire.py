@@ -106,6 +106,8 @@ def request_body(
         body["stop"] = list(sampling.stop)
     if sampling.seed is not None:
         body["seed"] = sampling.seed
+    if sampling.ignore_eos:
+        body["ignore_eos"] = True
     if sampling.presence_penalty:
         body["presence_penalty"] = sampling.presence_penalty
     if sampling.frequency_penalty:
