@@ -345,7 +345,9 @@ class TransformersEngine:
         halt = Halt(job.cancel, streamer)
         processors = LogitsProcessorList()
         if sampling.ignore_eos and self._eos_ids:
-            processors.append(SuppressTokensLogitsProcessor(sorted(self._eos_ids), self._device))
+            processors.append(
+                SuppressTokensLogitsProcessor(sorted(self._eos_ids), str(self._device))
+            )
         if sampling.presence_penalty or sampling.frequency_penalty:
             processors.append(
                 OpenAIPenalties(
