@@ -92,6 +92,38 @@ def test_the_alt_routine_draws_differently() -> None:
     assert len(data) > 0
 
 
+def test_every_real_face_prints_every_capital_and_digit_apart() -> None:
+    from PIL import Image, ImageDraw
+
+    from training import fonts
+    from training.patches import CHARS
+
+    assert len(fonts.FACES) == 21
+    for name in fonts.FACES:
+        face = fonts.font(name, 24)
+        drawn = set()
+        for char in CHARS:
+            mask = Image.new("L", (40, 40), 0)
+            ImageDraw.Draw(mask).text((4, 4), char, font=face, fill=255)
+            assert mask.getbbox() is not None, (name, char)  # not blank
+            drawn.add(mask.tobytes())
+        assert len(drawn) == len(CHARS), name  # no two characters alike (no tofu)
+
+
+def test_the_training_routine_prints_in_real_faces_when_asked() -> None:
+    scene = world.Scene((world.Item("star", "blue"),), "GO", 480, 320, "plain")
+    plain = world.render_labelled(scene, random.Random(4))
+    off = world.render_labelled(scene, random.Random(4), real_faces=0.0)
+    assert plain[0].tobytes() == off[0].tobytes() and plain[1].chars == off[1].chars
+    looks = set()
+    for seed in range(8):
+        image, drawn = world.render_labelled(scene, random.Random(seed), real_faces=1.0)
+        assert [char for char, _ in drawn.chars] == ["G", "O"]
+        looks.add(image.tobytes())
+        assert image.tobytes() != world.render_labelled(scene, random.Random(seed))[0].tobytes()
+    assert len(looks) == 8
+
+
 def test_the_training_routine_prints_in_the_bitmap_face_when_asked() -> None:
     import numpy as np
 

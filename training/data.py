@@ -77,6 +77,7 @@ def make_example(
     draw_max: int | None = None,
     made_faces: float = 0.0,
     bitmap_face: float = 0.0,
+    real_faces: float = 0.0,
 ) -> Example:
     if kind is None:
         kinds = list(TRAIN_MIX)
@@ -93,7 +94,13 @@ def make_example(
         scenes = [scene]
     drawn = [
         world.render_labelled(
-            scene, rng, style, draw_max=draw_max, made_faces=made_faces, bitmap_face=bitmap_face
+            scene,
+            rng,
+            style,
+            draw_max=draw_max,
+            made_faces=made_faces,
+            bitmap_face=bitmap_face,
+            real_faces=real_faces,
         )
         for scene in scenes
     ]
@@ -117,6 +124,7 @@ def make_chat(
     draw_max: int | None = None,
     made_faces: float = 0.0,
     bitmap_face: float = 0.0,
+    real_faces: float = 0.0,
 ) -> Example:
     """A training chat: `kind` first, and (for one image) possibly further questions about the
     same image. A description, which names everything, is only ever the last turn, so no earlier
@@ -125,7 +133,7 @@ def make_chat(
     `turns` (1 to MULTI_TURNS questions; drawn when None: one half the time, else 2 to
     MULTI_TURNS) and `system` (whether a system message comes first; drawn when None) let a
     batch give all its rows the same layout, so that they pad to similar lengths. `draw_max`,
-    `made_faces` and `bitmap_face`: see `world.render_labelled`."""
+    `made_faces`, `bitmap_face` and `real_faces`: see `world.render_labelled`."""
     if turns is None:
         turns = 1 if rng.random() >= MULTI_RATE else rng.randint(2, MULTI_TURNS)
     if system is None:
@@ -138,6 +146,7 @@ def make_chat(
             draw_max=draw_max,
             made_faces=made_faces,
             bitmap_face=bitmap_face,
+            real_faces=real_faces,
         )
     singles = [k for k in TRAIN_MIX if k != "pair"]
     kinds = [kind, *rng.choices(singles, weights=[TRAIN_MIX[k] for k in singles], k=turns - 1)]
@@ -150,7 +159,12 @@ def make_chat(
         if all(question != q for q, _ in asked):
             asked.append((question, answer))
     image, labels = world.render_labelled(
-        scene, rng, draw_max=draw_max, made_faces=made_faces, bitmap_face=bitmap_face
+        scene,
+        rng,
+        draw_max=draw_max,
+        made_faces=made_faces,
+        bitmap_face=bitmap_face,
+        real_faces=real_faces,
     )
     (question, answer), *more = asked
     return Example(

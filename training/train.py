@@ -262,12 +262,14 @@ class Batches(IterableDataset[dict[str, torch.Tensor]]):
         made_faces: float = 0.0,
         size: Size = SIZE,
         bitmap_face: float = 0.0,
+        real_faces: float = 0.0,
     ) -> None:
         self.processor = processor
         self.size = size
         self.draw_max = draw_max
         self.made_faces = made_faces
         self.bitmap_face = bitmap_face
+        self.real_faces = real_faces
         self.columns = columns
         self.seed = seed
         self.batch_size = batch_size
@@ -298,6 +300,7 @@ class Batches(IterableDataset[dict[str, torch.Tensor]]):
                     draw_max=self.draw_max,
                     made_faces=self.made_faces,
                     bitmap_face=self.bitmap_face,
+                    real_faces=self.real_faces,
                 )
                 for kind in kinds
             ]
@@ -374,6 +377,7 @@ def model_card(
             else ""
         )
         + (f" --bitmap-face {bitmap}" if (bitmap := getattr(args, "bitmap_face", 0)) else "")
+        + (f" --real-faces {real}" if (real := getattr(args, "real_faces", 0)) else "")
         + ("" if pinned else " --no-pin-math")
         + (f" --init-from {init}" if (init := getattr(args, "init_from", None)) else "")
     )
@@ -437,6 +441,14 @@ def model_card(
         if bitmap
         else ""
     )
+    if real:
+        faces += (
+            " and in the 21 TrueType faces matplotlib ships (DejaVu Sans, Sans Mono and Serif, "
+            "STIX, Computer Modern)"
+            if bitmap
+            else ", printed in Pillow's own face (Aileron) and in the 21 TrueType faces "
+            "matplotlib ships (DejaVu Sans, Sans Mono and Serif, STIX, Computer Modern)"
+        )
     glyphs = (
         f" (with a second loss, weight {args.glyph_weight}, over only the strips that hold a "
         "character: most hold none, and the plain loss is mostly about that)"
@@ -537,6 +549,7 @@ def warm_tower(
             args.made_faces,
             size,
             args.bitmap_face,
+            args.real_faces,
         ),
         args.workers,
     )
@@ -688,6 +701,13 @@ def main() -> None:
         "sizes and squeezes of its own) instead of its FreeType one (0: none)",
     )
     parser.add_argument(
+        "--real-faces",
+        type=float,
+        default=0.0,
+        help="share of the words printed in Pillow's FreeType face that are drawn in one of the "
+        "21 TrueType faces matplotlib ships instead (`training/fonts.py`; 0: none)",
+    )
+    parser.add_argument(
         "--scale-factor",
         type=int,
         default=SIZE.scale_factor,
@@ -770,6 +790,7 @@ def main() -> None:
             args.made_faces,
             size,
             args.bitmap_face,
+            args.real_faces,
         ),
         args.workers,
     )

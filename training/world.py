@@ -22,7 +22,7 @@ from typing import Any, Literal
 import numpy as np
 from PIL import Image, ImageChops, ImageDraw, ImageFilter, ImageFont
 
-from training import typefaces
+from training import fonts, typefaces
 
 SHAPES = ("circle", "square", "triangle", "star")
 COLORS: dict[str, tuple[int, int, int]] = {
@@ -247,6 +247,7 @@ def _draw_text(
     band: float,
     made_faces: float = 0.0,
     bitmap_face: float = 0.0,
+    real_faces: float = 0.0,
 ) -> list[CharBox]:
     """Print the scene's word in the top band; return each character's box."""
     assert scene.text is not None
@@ -276,13 +277,17 @@ def _draw_text(
             scale_x = scale_y = max(1.0, scale_x)
         resample = Image.Resampling.NEAREST if blocky else Image.Resampling.LANCZOS
     elif style == "train":
-        # Pillow's own FreeType font, sometimes bolder, squeezed, or drawn small and blown up
-        # (blocky), so that the model reads glyphs, not one rendering of them.
+        # Pillow's own FreeType font (or, a `real_faces` share of the time, one of matplotlib's:
+        # `fonts`), sometimes bolder, squeezed, or drawn small and blown up (blocky), so that the
+        # model reads glyphs, not one rendering of them.
+        face = fonts.pick(rng) if real_faces and rng.random() < real_faces else None
         px = max(8, int(min(band_h * 0.8, width / (0.75 * len(scene.text) + 0.5))))
         pixel = rng.choice((1, 1, 1, 2, 3))
         pixel = pixel if px // pixel >= 10 else 1
         stroke = 1 if rng.random() < 0.2 else 0
-        mask, spans = _glyphs(scene.text, ImageFont.load_default(size=max(6, px // pixel)), stroke)
+        em = max(6, px // pixel)
+        typeface = ImageFont.load_default(size=em) if face is None else fonts.font(face, em)
+        mask, spans = _glyphs(scene.text, typeface, stroke)
         squeeze = rng.uniform(0.85, 1.15) if rng.random() < 0.3 else 1.0
         scale_x, scale_y = pixel * squeeze, float(pixel)
         fit = min(1.0, width * 0.95 / (mask.width * scale_x))
@@ -320,6 +325,7 @@ def render_labelled(
     draw_max: int | None = None,
     made_faces: float = 0.0,
     bitmap_face: float = 0.0,
+    real_faces: float = 0.0,
 ) -> tuple[Image.Image, Labels]:
     """Draw `scene`, and say where each shape and each printed character ended up.
 
@@ -331,7 +337,9 @@ def render_labelled(
     `made_faces` (training): the share of printed words drawn in a face made up for the word
     (`typefaces`) instead of Pillow's own; `bitmap_face` (training): the share drawn in Pillow's
     6x11 bitmap face, the training's way (sizes and squeezes of its own; "alt" prints in that face
-    too, drawn its own way). 0 draws no random number for either."""
+    too, drawn its own way); `real_faces` (training): the share of the rest drawn in one of the
+    TrueType faces matplotlib ships (`fonts`) instead of Pillow's own, the same way. 0 draws no
+    random number for any of them."""
     fit = 1.0
     if draw_max is not None and max(scene.width, scene.height) > draw_max:
         fit = draw_max / max(scene.width, scene.height)
@@ -357,7 +365,9 @@ def render_labelled(
         image = image.resize(size, Image.Resampling.LANCZOS)
         items = items.resize(size, Image.Resampling.NEAREST)
     chars = (
-        _draw_text(image, scene, rng, style, band, made_faces, bitmap_face) if scene.text else []
+        _draw_text(image, scene, rng, style, band, made_faces, bitmap_face, real_faces)
+        if scene.text
+        else []
     )
     if style == "alt":
         if rng.random() < 0.3:
