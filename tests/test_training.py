@@ -807,6 +807,28 @@ def test_a_larger_input_with_larger_patches_keeps_the_grid_and_the_image_tokens(
     assert "--image-size" not in model_card(1, args, 1.0, 0.5, SIZE)
 
 
+def test_a_deeper_tower_is_built_and_named_on_the_card() -> None:
+    import argparse
+    from dataclasses import replace
+
+    from training.train import SIZE, build, model_card
+
+    size = replace(SIZE, vision_layers=6)
+    model, _ = build(0, size)
+    assert len(model.model.vision_model.encoder.layers) == 6
+    assert len(build(0)[0].model.vision_model.encoder.layers) == SIZE.vision_layers
+    args = argparse.Namespace(
+        steps=10, batch_size=4, lr=1e-3, seed=0, char_columns=4, token_chars=True,
+        glyph_weight=1.0, tower_steps=0, draw_max=256, attend_weight=0.1, colour_weight=0.3,
+        read_weight=0.1, made_faces=0.0, real_faces=0.3, pin_math=True, init_from=None,
+        bf16=False, warmup=200, patch_weight=1.0, threads=2,
+    )  # fmt: skip
+    card = model_card(1, args, 1.0, 0.5, size)
+    assert "--vision-layers 6" in card and "--real-faces 0.3" in card
+    assert "matplotlib" in card
+    assert "--vision-layers" not in model_card(1, args, 1.0, 0.5, SIZE)
+
+
 def test_the_data_worker_draws_at_the_lowest_priority() -> None:
     """Batches are drawn in a worker process beside the step's two threads; at equal priority
     it stalls them, so `background` (the loader's worker_init_fn) lowers it to the lowest."""

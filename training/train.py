@@ -367,6 +367,11 @@ def model_card(
         + (f" --scale-factor {size.scale_factor}" if size.scale_factor != SIZE.scale_factor else "")
         + (f" --image-size {size.image_size}" if size.image_size != SIZE.image_size else "")
         + (f" --patch-size {size.patch_size}" if size.patch_size != SIZE.patch_size else "")
+        + (
+            f" --vision-layers {size.vision_layers}"
+            if size.vision_layers != SIZE.vision_layers
+            else ""
+        )
         + (f" --colour-weight {args.colour_weight}" if args.colour_weight else "")
         + (f" --read-weight {args.read_weight}" if args.read_weight else "")
         + (f" --made-faces {made_faces}" if (made_faces := getattr(args, "made_faces", 0)) else "")
@@ -730,6 +735,12 @@ def main() -> None:
         "many pixels of the picture)",
     )
     parser.add_argument(
+        "--vision-layers",
+        type=int,
+        default=SIZE.vision_layers,
+        help="the vision tower's depth (at the default size a layer costs about 7%% of a step)",
+    )
+    parser.add_argument(
         "--init-from",
         type=Path,
         default=None,
@@ -768,6 +779,7 @@ def main() -> None:
         scale_factor=args.scale_factor,
         image_size=args.image_size,
         patch_size=args.patch_size,
+        vision_layers=args.vision_layers,
     )
     if args.draw_max is None:
         args.draw_max = 2 * size.image_size
