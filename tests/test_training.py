@@ -337,6 +337,7 @@ def test_the_tower_warm_up_trains_the_tower_and_not_the_language_model() -> None
         draw_max=256,
         made_faces=0.0,
         bitmap_face=0.0,
+        real_faces=0.0,
     )
     model.train()
     warm_tower(model, processor, heads, token_heads, args)
