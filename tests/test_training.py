@@ -227,7 +227,7 @@ def test_a_batch_gives_its_chats_one_layout(monkeypatch: pytest.MonkeyPatch) -> 
     batches: list[list[Example]] = []
 
     def keep(
-        examples: list[Example], processor: object, columns: int, size: object
+        examples: list[Example], processor: object, columns: int, size: object, slots: bool
     ) -> dict[str, object]:
         batches.append(examples)
         return {}
@@ -304,6 +304,37 @@ def test_patch_targets_say_what_is_under_each_patch() -> None:
     assert len(set(cols.tolist())) >= 3 and len(set((char == o).nonzero()[:, 1].tolist())) >= 3
 
 
+def test_slot_targets_number_the_characters_so_a_repeated_glyph_counts_twice() -> None:
+    import torch
+
+    from training.lookup import char_cells
+    from training.patches import SLOTS, PatchHeads
+
+    scene = world.Scene((world.Item("circle", "red"),), "3373", 512, 512, "plain")
+    _, labels = world.render_labelled(scene, random.Random(0))
+    plain = patches.targets(scene, labels, 128, 32, columns=4)
+    target = patches.targets(scene, labels, 128, 32, columns=4, slots=True)
+    assert target.shape == (2 + 4 + SLOTS, 16) and torch.equal(target[: 2 + 4], plain)
+    slot = target[2 + 4 :]
+    three, seven = 1 + patches.CHARS.index("3"), 1 + patches.CHARS.index("7")
+    # row k holds the word's k-th character, under the middle of its box, and nothing else
+    for k, glyph in enumerate((three, three, seven, three)):
+        cells = char_cells(labels.chars[k][1], labels.items.size, 4)
+        assert set(slot[k].unique().tolist()) == {patches.NONE, glyph}
+        assert sorted(slot[k].nonzero()[:, 0].tolist()) == sorted(cells)
+    # past the word's end: nothing, so the first empty row says how long the word is
+    assert not slot[4:].any()
+    # the two 3s in front cover strips that one wide 3 could; their rows tell them apart
+    assert not torch.equal(slot[0], slot[1])
+    # the read-out learns from those rows, as it does from the strips
+    heads = PatchHeads(8, ("char", "slot"), columns=4, glyph_weight=1.0)
+    heads.seen = torch.randn(1, 16, 8)
+    heads.loss(target[None]).backward()
+    assert heads.heads["slot"].weight.grad is not None
+    assert heads.heads["slot"].out_features == SLOTS * patches.HEADS["slot"]
+    assert set(heads.accuracy) == {"char", "slot"}
+
+
 def test_the_tower_warm_up_trains_the_tower_and_not_the_language_model() -> None:
     import argparse
 
@@ -337,6 +368,7 @@ def test_the_tower_warm_up_trains_the_tower_and_not_the_language_model() -> None
         draw_max=256,
         made_faces=0.0,
         bitmap_face=0.0,
+        char_slots=False,
         real_faces=0.0,
     )
     model.train()
@@ -821,7 +853,8 @@ def test_a_deeper_tower_is_built_and_named_on_the_card() -> None:
     args = argparse.Namespace(
         steps=10, batch_size=4, lr=1e-3, seed=0, char_columns=4, token_chars=True,
         glyph_weight=1.0, tower_steps=0, draw_max=256, attend_weight=0.1, colour_weight=0.3,
-        read_weight=0.1, made_faces=0.0, real_faces=0.3, pin_math=True, init_from=None,
+        read_weight=0.1, made_faces=0.0, real_faces=0.3, char_slots=False, pin_math=True,
+        init_from=None,
         bf16=False, warmup=200, patch_weight=1.0, threads=2,
     )  # fmt: skip
     card = model_card(1, args, 1.0, 0.5, size)

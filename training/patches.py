@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 
 from training import world
+from training.lookup import char_cells
 
 CHARS = string.ascii_uppercase + string.digits
 NONE = 0  # the class of a patch with no shape (or no character) on it
@@ -28,15 +29,32 @@ NONE = 0  # the class of a patch with no shape (or no character) on it
 # the glyph under each of `columns` vertical strips of the patch, left to right: which letters
 # are there, and in which order (1: one character per patch).
 COLUMNS = 1
-HEADS = {"shape": 1 + len(world.SHAPES), "color": 1 + len(world.COLORS), "char": 1 + len(CHARS)}
+HEADS = {
+    "shape": 1 + len(world.SHAPES),
+    "color": 1 + len(world.COLORS),
+    "char": 1 + len(CHARS),
+    "slot": 1 + len(CHARS),
+}
+# The "slot" read-out (optional, `targets(slots=True)`): the word's k-th character, in row k of
+# the cells under the middle of its box. Strips say which glyph lies where, but not where one
+# glyph ends and the next begins ("33" and one wide "3" cover the same strips); slots number
+# the characters, so that spelling the k-th one out is a look-up of row k, and a word's length
+# is the first row with nothing in it.
+SLOTS = 6  # the longest printed text
 COVER = 0.2  # a patch belongs to a shape when the shape covers at least this much of it
 
 
 def targets(
-    scene: world.Scene, labels: world.Labels, size: int, patch: int, columns: int = COLUMNS
+    scene: world.Scene,
+    labels: world.Labels,
+    size: int,
+    patch: int,
+    columns: int = COLUMNS,
+    slots: bool = False,
 ) -> torch.Tensor:
-    """(2 + columns, grid * grid) class indices: shape and colour under each patch, then the
-    character under each of its `columns` strips."""
+    """(2 + columns [+ SLOTS], grid * grid) class indices: shape and colour under each patch,
+    then the character under each of its `columns` strips, then (`slots`) the word's k-th
+    character in row k under the middle of its box."""
     grid = size // patch
     width, height = labels.items.size
     item = item_map(scene, labels, size, patch)
@@ -65,7 +83,14 @@ def targets(
         char[np.ix_(rows, cols)] = value
     # (grid, grid, columns) -> (columns, grid * grid): strip j of every patch, in patch order
     strips = char.reshape(grid, grid, columns).transpose(2, 0, 1).reshape(columns, -1)
-    return torch.from_numpy(np.concatenate([shape[None], color[None], strips]))
+    parts = [shape[None], color[None], strips]
+    if slots:
+        slot = np.zeros((SLOTS, grid * grid), dtype=np.int64)
+        for k, (glyph, box) in enumerate(labels.chars[:SLOTS]):
+            if glyph in CHARS:
+                slot[k, char_cells(box, (width, height), grid)] = 1 + CHARS.index(glyph)
+        parts.append(slot)
+    return torch.from_numpy(np.concatenate(parts))
 
 
 def _cover(labels: world.Labels, count: int, size: int, patch: int) -> np.ndarray:
@@ -103,7 +128,12 @@ def item_cells(scene: world.Scene, labels: world.Labels, size: int, patch: int) 
 
 def rows(name: str, columns: int) -> slice:
     """Which rows of `targets` a read-out learns from."""
-    return {"shape": slice(0, 1), "color": slice(1, 2), "char": slice(2, 2 + columns)}[name]
+    return {
+        "shape": slice(0, 1),
+        "color": slice(1, 2),
+        "char": slice(2, 2 + columns),
+        "slot": slice(2 + columns, 2 + columns + SLOTS),
+    }[name]
 
 
 class PatchHeads(torch.nn.Module):
@@ -117,7 +147,7 @@ class PatchHeads(torch.nn.Module):
     def __init__(
         self,
         hidden: int,
-        names: tuple[str, ...] = tuple(HEADS),
+        names: tuple[str, ...] = ("shape", "color", "char"),
         columns: int = COLUMNS,
         glyph_weight: float = 0.0,
     ) -> None:
@@ -126,7 +156,8 @@ class PatchHeads(torch.nn.Module):
         # Most strips hold no character, so the plain cross-entropy is mostly "nothing here";
         # `glyph_weight` adds the cross-entropy over the strips that do hold one: which glyph.
         self.glyph_weight = glyph_weight
-        self.width = {"shape": 1, "color": 1, "char": columns}  # target rows per read-out
+        # target rows per read-out
+        self.width = {"shape": 1, "color": 1, "char": columns, "slot": SLOTS}
         self.columns = columns
         self.heads = torch.nn.ModuleDict(
             {n: torch.nn.Linear(hidden, self.width[n] * HEADS[n]) for n in names}
@@ -163,7 +194,7 @@ class PatchHeads(torch.nn.Module):
             total = total + torch.nn.functional.cross_entropy(logits, wanted)
             marked = wanted != NONE
             if marked.any():
-                if name == "char" and self.glyph_weight:
+                if name in ("char", "slot") and self.glyph_weight:
                     total = total + self.glyph_weight * torch.nn.functional.cross_entropy(
                         logits[marked], wanted[marked]
                     )

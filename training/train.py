@@ -136,10 +136,15 @@ def _answer_spans(row: list[int], answers: list[list[int]], cue: list[int]) -> l
 
 
 def collate(
-    examples: list[Example], processor: Any, columns: int = patches.COLUMNS, size: Size = SIZE
+    examples: list[Example],
+    processor: Any,
+    columns: int = patches.COLUMNS,
+    size: Size = SIZE,
+    slots: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Tokenize whole chats; the loss is on the answers (each with its end token) only. `size`
-    is the model's: its input and patch sizes place the read-outs' targets."""
+    is the model's: its input and patch sizes place the read-outs' targets; `slots`: the image
+    tokens' targets number the printed characters too (`patches.SLOTS`)."""
     texts, images, answers = [], [], []
     tokenizer = processor.tokenizer
     for ex in examples:
@@ -175,7 +180,7 @@ def collate(
     side = processor.image_processor.max_image_size["longest_edge"]
     token = side // math.isqrt(processor.image_seq_len)
     out["token_targets"] = torch.stack(
-        [patches.targets(scene, label, side, token, columns) for scene, label in drawn]
+        [patches.targets(scene, label, side, token, columns, slots) for scene, label in drawn]
     )
     image_token = tokenizer.convert_tokens_to_ids("<image>")
     # where each answer is decided: its first token that is not a bare space (" Blue." is
@@ -263,8 +268,10 @@ class Batches(IterableDataset[dict[str, torch.Tensor]]):
         size: Size = SIZE,
         bitmap_face: float = 0.0,
         real_faces: float = 0.0,
+        slots: bool = False,
     ) -> None:
         self.processor = processor
+        self.slots = slots
         self.size = size
         self.draw_max = draw_max
         self.made_faces = made_faces
@@ -304,7 +311,7 @@ class Batches(IterableDataset[dict[str, torch.Tensor]]):
                 )
                 for kind in kinds
             ]
-            yield collate(examples, self.processor, self.columns, self.size)
+            yield collate(examples, self.processor, self.columns, self.size, self.slots)
 
 
 def background(_worker: int) -> None:
@@ -374,6 +381,7 @@ def model_card(
         )
         + (f" --colour-weight {args.colour_weight}" if args.colour_weight else "")
         + (f" --read-weight {args.read_weight}" if args.read_weight else "")
+        + (" --char-slots" if getattr(args, "char_slots", False) else "")
         + (f" --made-faces {made_faces}" if (made_faces := getattr(args, "made_faces", 0)) else "")
         + (f" --item-weight {item}" if (item := getattr(args, "item_weight", 0)) else "")
         + (
@@ -513,7 +521,12 @@ Beside the language loss on the answer, the vision tower is
 supervised patch by patch (weight {args.patch_weight}): linear read-outs of its output learn which
 shape and colour lies under each patch and which printed character under each of its
 {args.char_columns} vertical strips{glyphs}, and read-outs of the connector's image tokens the same
-for each token ({"shape, colour and characters" if args.token_chars else "shape and colour"};
+for each token ({"shape, colour and characters" if args.token_chars else "shape and colour"}{
+        "; and, under each printed character, which character of the word it is: the k-th one in "
+        "read-out k"
+        if getattr(args, "char_slots", False)
+        else ""
+    };
 `training/patches.py`). {tower}{look_up}These are training aids, not saved: the checkpoint
 is a plain Idefics3 model. Half the training batches are chats of several questions about one
 image; the rows of a batch share one layout (one question or several, with or without a system
@@ -555,6 +568,7 @@ def warm_tower(
             size,
             args.bitmap_face,
             args.real_faces,
+            args.char_slots,
         ),
         args.workers,
     )
@@ -632,6 +646,13 @@ def main() -> None:
         default=0.0,
         help="weight of a second character loss over only the strips that hold a character "
         "(which glyph), beside the plain one that is mostly 'nothing here' (0: off)",
+    )
+    parser.add_argument(
+        "--char-slots",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="also read the printed word's k-th character out of the image tokens under it, "
+        "for every k (`patches.SLOTS`): the characters numbered, not only placed",
     )
     parser.add_argument(
         "--token-chars",
@@ -803,6 +824,7 @@ def main() -> None:
             size,
             args.bitmap_face,
             args.real_faces,
+            args.char_slots,
         ),
         args.workers,
     )
@@ -810,7 +832,11 @@ def main() -> None:
         size.vision_hidden, columns=args.char_columns, glyph_weight=args.glyph_weight
     )
     heads.attach(model.model.vision_model)
-    token_names = ("shape", "color", "char") if args.token_chars else ("shape", "color")
+    token_names: tuple[str, ...] = (
+        ("shape", "color", "char") if args.token_chars else ("shape", "color")
+    )
+    if args.char_slots:
+        token_names += ("slot",)
     token_heads = patches.PatchHeads(
         size.hidden, token_names, columns=args.char_columns, glyph_weight=args.glyph_weight
     )
