@@ -892,3 +892,28 @@ def test_both_training_loops_draw_their_batches_in_background_workers() -> None:
     assert loader.worker_init_fn is background
     assert loader.num_workers == 1 and loader.prefetch_factor == 4
     assert batch_loader(batches, 0).num_workers == 0
+
+
+def test_the_reading_summary_splits_misreadings_by_kind_and_glyph_width() -> None:
+    from training.evaluate import reading_summary
+
+    rows = [
+        {"printed": "373", "got": 'The text says "33".', "width": 8.0},  # a digit dropped
+        {"printed": "58", "got": '"59"', "width": 12.0},  # 8 read as 9
+        {"printed": "GO", "got": 'The text says "GO".', "width": 20.0},
+        {"printed": "CAT", "got": '"CAR"', "width": 30.0},  # T read as R
+        {"printed": "SUN", "got": "There is no text.", "width": 18.0},  # nothing read
+    ]
+    report = reading_summary(rows)
+    assert report["all"] == {"n": 5, "read": 20.0}
+    assert report["numbers"] == {"n": 2, "read": 0.0}
+    assert report["words"] == {"n": 3, "read": 33.3}
+    assert report["by_glyph_width"] == {
+        "0-10px": {"n": 1, "read": 0.0},
+        "10-16px": {"n": 1, "read": 0.0},
+        "16-25px": {"n": 2, "read": 50.0},
+        ">=25px": {"n": 1, "read": 0.0},
+    }
+    assert report["misread"] == 4 and report["wrong_length"] == 2
+    assert report["confused"] == {"8->9": 1, "T->R": 1}
+    assert reading_summary([])["all"] == {"n": 0, "read": None}

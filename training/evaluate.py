@@ -18,6 +18,12 @@ three different shapes in three different colours, each shape's colour asked, an
 once for a pair that is there and once for its colour on another shape. A model that does not look
 the named shape up names one colour for all three and says one word to every yes/no question:
 the report counts both.
+
+`--reading N` adds a diagnostic of reading: N text questions about images with text, on each
+set, split by what was printed (numbers, words), by how wide its glyphs are at the model's input
+(the image is stretched to a square there, so a wide image's glyphs come out narrow), and by the
+kind of mistake: an answer of the wrong length (a character dropped or doubled) or of the right
+length with characters confused, and which ones.
 """
 
 from __future__ import annotations
@@ -29,7 +35,8 @@ import json
 import random
 import re
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -216,6 +223,79 @@ async def lookups(model: Path, n: int, seed: int) -> dict[str, Any]:
     }
 
 
+WIDTHS = (0, 10, 16, 25, 1_000)  # glyph widths at the model's input, px: the buckets' edges
+
+
+def quoted(answer: str) -> str:
+    """The word an answer says the image prints (its first quoted part), or ""."""
+    found = re.search(r'"([^"]*)"', answer)
+    return found.group(1) if found else ""
+
+
+def glyph_width(example: Example, side: int) -> float:
+    """The mean width of the first image's printed glyphs once the image is `side` px wide."""
+    chars = example.labels[0].chars
+    width = example.labels[0].items.size[0]
+    return sum(box[2] - box[0] for _, box in chars) / len(chars) * side / width
+
+
+def reading_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Sum up reading attempts, each {"printed", "got" (the answer), "width" (its glyphs' mean
+    width at the model's input)}: the share read whole, overall, of numbers and words, and by
+    glyph width; of the misread, how many had the wrong length; and the characters confused
+    most often in the misread of the right length."""
+
+    def share(chosen: list[dict[str, Any]]) -> dict[str, Any]:
+        right = sum(quoted(r["got"]) == r["printed"] for r in chosen)
+        return {"n": len(chosen), "read": round(100 * right / len(chosen), 1) if chosen else None}
+
+    misread = [r for r in rows if quoted(r["got"]) != r["printed"]]
+    confused: Counter[str] = Counter()
+    for r in misread:
+        said = quoted(r["got"])
+        if len(said) == len(r["printed"]):
+            confused.update(f"{a}->{b}" for a, b in zip(r["printed"], said, strict=True) if a != b)
+    return {
+        "all": share(rows),
+        "numbers": share([r for r in rows if r["printed"].isdigit()]),
+        "words": share([r for r in rows if not r["printed"].isdigit()]),
+        "by_glyph_width": {
+            f"{lo}-{hi}px" if hi < WIDTHS[-1] else f">={lo}px": share(
+                [r for r in rows if lo <= r["width"] < hi]
+            )
+            for lo, hi in pairwise(WIDTHS)
+        },
+        "misread": len(misread),
+        "wrong_length": sum(len(quoted(r["got"])) != len(r["printed"]) for r in misread),
+        "confused": dict(confused.most_common(10)),
+    }
+
+
+async def reading(model: Path, n: int, seed: int) -> dict[str, Any]:
+    """The reading diagnostic (see the module's docstring), on each set."""
+    from oculo.engines.transformers import TransformersEngine
+
+    engine = TransformersEngine(model, model_id="eval")
+    config = json.loads((model / "processor_config.json").read_text())
+    side = config["image_processor"]["max_image_size"]["longest_edge"]
+    report = {}
+    try:
+        for name, style in SETS.items():
+            rng = random.Random(f"reading:{name}:{seed}")
+            rows: list[dict[str, Any]] = []
+            while len(rows) < n:
+                example = make_example(rng, style, "text")
+                printed = example.scenes[0].text
+                if not printed:
+                    continue
+                got = await answer(engine, example, through_server_media(example, rng, style))
+                rows.append({"printed": printed, "got": got, "width": glyph_width(example, side)})
+            report[name] = reading_summary(rows)
+    finally:
+        await engine.close()
+    return report
+
+
 def table(report: dict[str, Any]) -> str:
     sets = list(report["accuracy"])
     lines = [
@@ -267,6 +347,12 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="write the whole report here")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (1 beside training)")
     parser.add_argument(
+        "--reading",
+        type=int,
+        default=0,
+        help="only the reading diagnostic, on this many images with text a set (see above)",
+    )
+    parser.add_argument(
         "--lookups",
         type=int,
         default=0,
@@ -279,6 +365,9 @@ def main() -> None:
     started = time.perf_counter()
     if args.lookups:
         print(json.dumps(asyncio.run(lookups(args.model, args.lookups, args.seed)), indent=1))
+        return
+    if args.reading:
+        print(json.dumps(asyncio.run(reading(args.model, args.reading, args.seed)), indent=1))
         return
     report = asyncio.run(evaluate(args.model, args.n, args.seed))
     report["seconds"] = round(time.perf_counter() - started, 1)
