@@ -36,6 +36,7 @@ import random
 import re
 import time
 from collections import Counter, defaultdict
+from collections.abc import Iterator
 from itertools import pairwise
 from pathlib import Path
 from typing import Any
@@ -72,10 +73,15 @@ def reading_kind(printed: str) -> str:
     return "read_numbers" if printed.isdigit() else "read_words"
 
 
+def quoted(answer: str) -> str:
+    """The word an answer says the image prints (its first quoted part), or ""."""
+    found = re.search(r'"([^"]*)"', answer)
+    return found.group(1) if found else ""
+
+
 def characters_right(got: str, want: str) -> tuple[int, int]:
     """How many of the printed word's characters the answer's quoted word has in place."""
-    quoted = re.search(r'"([^"]*)"', got)
-    said = quoted.group(1) if quoted else ""
+    said = quoted(got)
     return sum(a == b for a, b in zip(said, want, strict=False)), len(want)
 
 
@@ -156,18 +162,27 @@ async def evaluate(model: Path, n: int, seed: int) -> dict[str, Any]:
     }
 
 
+def with_text(
+    rng: random.Random, style: world.Style, n: int, made_faces: float = 0.0
+) -> Iterator[tuple[Example, str]]:
+    """`n` text questions drawn by `style` about images that do have text printed, and the text
+    (the others drawn are skipped)."""
+    asked = 0
+    while asked < n:
+        example = make_example(rng, style, "text", made_faces=made_faces)
+        printed = example.scenes[0].text
+        if printed:
+            asked += 1
+            yield example, printed
+
+
 async def unseen_faces(engine: Any, n: int, seed: int) -> dict[str, float]:
     """Reading in typefaces the model never saw: `n` images of the training routine whose word
     or number is printed in a face made up for it (`training/typefaces.py`, which the shipped
     recipe does not train on), asked what the text says. Whole texts and characters in place."""
     rng = random.Random(f"evaluate:unseen-faces:{seed}")
-    whole = chars = total = asked = 0
-    while asked < n:
-        example = make_example(rng, "train", "text", made_faces=1.0)
-        printed = example.scenes[0].text
-        if not printed:
-            continue
-        asked += 1
+    whole = chars = total = 0
+    for example, printed in with_text(rng, "train", n, made_faces=1.0):
         got = await answer(engine, example, through_server_media(example, rng, "train"))
         whole += world.normalize(got) == world.normalize(example.answer)
         right, length = characters_right(got, printed)
@@ -226,12 +241,6 @@ async def lookups(model: Path, n: int, seed: int) -> dict[str, Any]:
 WIDTHS = (0, 10, 16, 25, 1_000)  # glyph widths at the model's input, px: the buckets' edges
 
 
-def quoted(answer: str) -> str:
-    """The word an answer says the image prints (its first quoted part), or ""."""
-    found = re.search(r'"([^"]*)"', answer)
-    return found.group(1) if found else ""
-
-
 def glyph_width(example: Example, side: int) -> float:
     """The mean width of the first image's printed glyphs once the image is `side` px wide."""
     chars = example.labels[0].chars
@@ -245,16 +254,18 @@ def reading_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
     glyph width; of the misread, how many had the wrong length; and the characters confused
     most often in the misread of the right length."""
 
+    rows = [{**r, "said": quoted(r["got"])} for r in rows]
+
     def share(chosen: list[dict[str, Any]]) -> dict[str, Any]:
-        right = sum(quoted(r["got"]) == r["printed"] for r in chosen)
+        right = sum(r["said"] == r["printed"] for r in chosen)
         return {"n": len(chosen), "read": round(100 * right / len(chosen), 1) if chosen else None}
 
-    misread = [r for r in rows if quoted(r["got"]) != r["printed"]]
+    misread = [r for r in rows if r["said"] != r["printed"]]
     confused: Counter[str] = Counter()
     for r in misread:
-        said = quoted(r["got"])
-        if len(said) == len(r["printed"]):
-            confused.update(f"{a}->{b}" for a, b in zip(r["printed"], said, strict=True) if a != b)
+        if len(r["said"]) == len(r["printed"]):
+            pairs = zip(r["printed"], r["said"], strict=True)
+            confused.update(f"{a}->{b}" for a, b in pairs if a != b)
     return {
         "all": share(rows),
         "numbers": share([r for r in rows if r["printed"].isdigit()]),
@@ -266,7 +277,7 @@ def reading_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
             for lo, hi in pairwise(WIDTHS)
         },
         "misread": len(misread),
-        "wrong_length": sum(len(quoted(r["got"])) != len(r["printed"]) for r in misread),
+        "wrong_length": sum(len(r["said"]) != len(r["printed"]) for r in misread),
         "confused": dict(confused.most_common(10)),
     }
 
@@ -283,11 +294,7 @@ async def reading(model: Path, n: int, seed: int) -> dict[str, Any]:
         for name, style in SETS.items():
             rng = random.Random(f"reading:{name}:{seed}")
             rows: list[dict[str, Any]] = []
-            while len(rows) < n:
-                example = make_example(rng, style, "text")
-                printed = example.scenes[0].text
-                if not printed:
-                    continue
+            for example, printed in with_text(rng, style, n):
                 got = await answer(engine, example, through_server_media(example, rng, style))
                 rows.append({"printed": printed, "got": got, "width": glyph_width(example, side)})
             report[name] = reading_summary(rows)

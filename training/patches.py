@@ -40,7 +40,7 @@ HEADS = {
 # glyph ends and the next begins ("33" and one wide "3" cover the same strips); slots number
 # the characters, so that spelling the k-th one out is a look-up of row k, and a word's length
 # is the first row with nothing in it.
-SLOTS = 6  # the longest printed text
+SLOTS = world.LONGEST_TEXT
 COVER = 0.2  # a patch belongs to a shape when the shape covers at least this much of it
 
 

@@ -103,9 +103,12 @@ def sample_size(rng: random.Random) -> tuple[int, int]:
     return width, height
 
 
+LONGEST_TEXT = 6  # characters in a printed word (numbers have at most 4)
+
+
 def sample_text(rng: random.Random) -> str:
     if rng.random() < 0.7:
-        return rng.choice([w for w in WORDS if 2 <= len(w) <= 6])
+        return rng.choice([w for w in WORDS if 2 <= len(w) <= LONGEST_TEXT])
     digits = rng.choice((2, 2, 3, 3, 4))
     return str(rng.randrange(10 ** (digits - 1), 10**digits))
 
