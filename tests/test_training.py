@@ -219,6 +219,34 @@ def test_make_chat_follows_the_layout_it_is_given() -> None:
         assert single.system is None and not single.more
 
 
+def test_training_can_print_more_text_and_more_numbers_and_evaluation_draws_as_before() -> None:
+    def scenes(**rates: float) -> list[world.Scene]:
+        return [
+            scene
+            for seed in range(30)
+            for kind in ("count", "pair")
+            for scene in make_chat(random.Random(seed), kind, turns=2, **rates).scenes  # type: ignore[arg-type]
+        ]
+
+    everything = scenes(text_rate=1.0, number_rate=1.0)
+    large = [s for s in everything if min(s.width, s.height) >= 64]
+    assert len(large) > 30
+    assert all(s.text is not None and s.text.isdigit() for s in large)
+    # a scene's size and shapes are drawn before its text, so the rates change the printing, not
+    # what is drawn first (every third scene: a count chat's; a pair's two follow it, the second
+    # drawn after the first one's text)
+    nothing = scenes(text_rate=0.0)
+    assert all(s.text is None for s in nothing)
+    firsts = slice(None, None, 3)
+    drawn = [(s.items, s.width, s.height) for s in everything]
+    assert [(s.items, s.width, s.height) for s in nothing][firsts] == drawn[firsts]
+    # by default, evaluation's share of numbers
+    printed = [world.sample_text(random.Random(i)) for i in range(2000)]
+    assert 0.25 < sum(text.isdigit() for text in printed) / len(printed) < 0.35
+    words = [world.sample_text(random.Random(i), number_rate=0.0) for i in range(200)]
+    assert not any(text.isdigit() for text in words)
+
+
 def test_a_batch_gives_its_chats_one_layout(monkeypatch: pytest.MonkeyPatch) -> None:
     """The rows of a batch share their layout (one question or several, a system message or
     none), so they pad to similar lengths; across batches every layout occurs."""

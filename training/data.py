@@ -78,6 +78,8 @@ def make_example(
     made_faces: float = 0.0,
     bitmap_face: float = 0.0,
     real_faces: float = 0.0,
+    text_rate: float | None = None,
+    number_rate: float = world.NUMBER_RATE,
 ) -> Example:
     if kind is None:
         kinds = list(TRAIN_MIX)
@@ -85,11 +87,15 @@ def make_example(
     system = rng.choice(world.SYSTEM_PROMPTS) if rng.random() < system_rate else None
     image_first = rng.random() < 0.8
     if kind == "pair":
-        first, second = world.sample_scene(rng), world.sample_scene(rng)
+        rate = 0.5 if text_rate is None else text_rate
+        first, second = (
+            world.sample_scene(rng, text_rate=rate, number_rate=number_rate) for _ in range(2)
+        )
         question, answer = world.ask_pair(first, second, rng)
         scenes = [first, second]
     else:
-        scene = world.sample_scene(rng, text_rate=0.75 if kind == "text" else 0.4)
+        rate = (0.75 if kind == "text" else 0.4) if text_rate is None else text_rate
+        scene = world.sample_scene(rng, text_rate=rate, number_rate=number_rate)
         question, answer = world.ask(scene, rng, kind)
         scenes = [scene]
     drawn = [
@@ -125,6 +131,8 @@ def make_chat(
     made_faces: float = 0.0,
     bitmap_face: float = 0.0,
     real_faces: float = 0.0,
+    text_rate: float | None = None,
+    number_rate: float = world.NUMBER_RATE,
 ) -> Example:
     """A training chat: `kind` first, and (for one image) possibly further questions about the
     same image. A description, which names everything, is only ever the last turn, so no earlier
@@ -133,7 +141,9 @@ def make_chat(
     `turns` (1 to MULTI_TURNS questions; drawn when None: one half the time, else 2 to
     MULTI_TURNS) and `system` (whether a system message comes first; drawn when None) let a
     batch give all its rows the same layout, so that they pad to similar lengths. `draw_max`,
-    `made_faces`, `bitmap_face` and `real_faces`: see `world.render_labelled`."""
+    `made_faces`, `bitmap_face` and `real_faces`: see `world.render_labelled`; `text_rate`, how
+    often a scene has printed text (None: the question's own rate, as evaluation draws them) and
+    `number_rate`, how often that text is a number: see `world.sample_scene`."""
     if turns is None:
         turns = 1 if rng.random() >= MULTI_RATE else rng.randint(2, MULTI_TURNS)
     if system is None:
@@ -147,12 +157,15 @@ def make_chat(
             made_faces=made_faces,
             bitmap_face=bitmap_face,
             real_faces=real_faces,
+            text_rate=text_rate,
+            number_rate=number_rate,
         )
     singles = [k for k in TRAIN_MIX if k != "pair"]
     kinds = [kind, *rng.choices(singles, weights=[TRAIN_MIX[k] for k in singles], k=turns - 1)]
     kinds = [k for k in kinds if k != "describe"] + (["describe"] if "describe" in kinds else [])
     prompt = rng.choice(world.SYSTEM_PROMPTS) if system else None
-    scene = world.sample_scene(rng, text_rate=0.6 if "text" in kinds else 0.4)
+    rate = (0.6 if "text" in kinds else 0.4) if text_rate is None else text_rate
+    scene = world.sample_scene(rng, text_rate=rate, number_rate=number_rate)
     asked: list[tuple[str, str]] = []
     for k in kinds:
         question, answer = world.ask(scene, rng, k)

@@ -269,8 +269,12 @@ class Batches(IterableDataset[dict[str, torch.Tensor]]):
         bitmap_face: float = 0.0,
         real_faces: float = 0.0,
         slots: bool = False,
+        text_rate: float | None = None,
+        number_rate: float = world.NUMBER_RATE,
     ) -> None:
         self.processor = processor
+        self.text_rate = text_rate
+        self.number_rate = number_rate
         self.slots = slots
         self.size = size
         self.draw_max = draw_max
@@ -308,6 +312,8 @@ class Batches(IterableDataset[dict[str, torch.Tensor]]):
                     made_faces=self.made_faces,
                     bitmap_face=self.bitmap_face,
                     real_faces=self.real_faces,
+                    text_rate=self.text_rate,
+                    number_rate=self.number_rate,
                 )
                 for kind in kinds
             ]
@@ -391,6 +397,12 @@ def model_card(
         )
         + (f" --bitmap-face {bitmap}" if (bitmap := getattr(args, "bitmap_face", 0)) else "")
         + (f" --real-faces {real}" if (real := getattr(args, "real_faces", 0)) else "")
+        + (f" --text-rate {rate}" if (rate := getattr(args, "text_rate", None)) is not None else "")
+        + (
+            f" --number-rate {numbers}"
+            if (numbers := getattr(args, "number_rate", world.NUMBER_RATE)) != world.NUMBER_RATE
+            else ""
+        )
         + ("" if pinned else " --no-pin-math")
         + (f" --init-from {init}" if (init := getattr(args, "init_from", None)) else "")
     )
@@ -569,6 +581,8 @@ def warm_tower(
             args.bitmap_face,
             args.real_faces,
             args.char_slots,
+            args.text_rate,
+            args.number_rate,
         ),
         args.workers,
     )
@@ -734,6 +748,21 @@ def main() -> None:
         "21 TrueType faces matplotlib ships instead (`training/fonts.py`; 0: none)",
     )
     parser.add_argument(
+        "--text-rate",
+        type=float,
+        default=None,
+        help="share of the training's scenes that have a printed word or number (default: each "
+        "question's own, as evaluation draws them: 40-75%%); more text is more glyphs for the "
+        "tower to learn from",
+    )
+    parser.add_argument(
+        "--number-rate",
+        type=float,
+        default=world.NUMBER_RATE,
+        help="share of printed texts that are numbers, not words (evaluation's: %(default)s); "
+        "numbers are read glyph by glyph, with no word list to guess from",
+    )
+    parser.add_argument(
         "--scale-factor",
         type=int,
         default=SIZE.scale_factor,
@@ -825,6 +854,8 @@ def main() -> None:
             args.bitmap_face,
             args.real_faces,
             args.char_slots,
+            args.text_rate,
+            args.number_rate,
         ),
         args.workers,
     )

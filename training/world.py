@@ -106,18 +106,25 @@ def sample_size(rng: random.Random) -> tuple[int, int]:
 LONGEST_TEXT = 6  # characters in a printed word (numbers have at most 4)
 
 
-def sample_text(rng: random.Random) -> str:
-    if rng.random() < 0.7:
+NUMBER_RATE = 0.3  # the share of printed texts that are numbers (the rest are words)
+
+
+def sample_text(rng: random.Random, number_rate: float = NUMBER_RATE) -> str:
+    """A word of `WORDS` or, `number_rate` of the time, a number of 2 to 4 digits."""
+    if rng.random() < 1.0 - number_rate:
         return rng.choice([w for w in WORDS if 2 <= len(w) <= LONGEST_TEXT])
     digits = rng.choice((2, 2, 3, 3, 4))
     return str(rng.randrange(10 ** (digits - 1), 10**digits))
 
 
-def sample_scene(rng: random.Random, *, text_rate: float = 0.5) -> Scene:
+def sample_scene(
+    rng: random.Random, *, text_rate: float = 0.5, number_rate: float = NUMBER_RATE
+) -> Scene:
     width, height = sample_size(rng)
     count = rng.choice((1, 2, 3))
     items = tuple(Item(rng.choice(SHAPES), rng.choice(tuple(COLORS))) for _ in range(count))
-    text = sample_text(rng) if rng.random() < text_rate and min(width, height) >= 64 else None
+    printed = rng.random() < text_rate and min(width, height) >= 64
+    text = sample_text(rng, number_rate) if printed else None
     background = rng.choice(("plain", "plain", "gradient", "noise"))
     return Scene(items, text, width, height, background)
 
