@@ -398,6 +398,8 @@ def test_the_tower_warm_up_trains_the_tower_and_not_the_language_model() -> None
         bitmap_face=0.0,
         char_slots=False,
         real_faces=0.0,
+        text_rate=None,
+        number_rate=world.NUMBER_RATE,
     )
     model.train()
     warm_tower(model, processor, heads, token_heads, args)

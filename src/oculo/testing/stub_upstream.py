@@ -192,7 +192,9 @@ class StubUpstream:
         for i, event in enumerate(events):
             pieces = i  # the role-only event is not a piece
             if reply.drop_after is not None and pieces > reply.drop_after:
-                writer.transport.abort()
+                # the connection ends mid-body (no last chunk) with a FIN, not a reset: a reset
+                # lets the peer's kernel drop pieces already sent but not yet read
+                writer.close()
                 raise ConnectionResetError
             if reply.error_event_after is not None and pieces > reply.error_event_after:
                 error = {"error": {"message": reply.error, "type": "stub_error"}}
