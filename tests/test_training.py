@@ -220,12 +220,16 @@ def test_make_chat_follows_the_layout_it_is_given() -> None:
 
 
 def test_training_can_print_more_text_and_more_numbers_and_evaluation_draws_as_before() -> None:
-    def scenes(**rates: float) -> list[world.Scene]:
+    kinds: tuple[world.QuestionType, ...] = ("count", "pair")
+
+    def scenes(text_rate: float, number_rate: float = world.NUMBER_RATE) -> list[world.Scene]:
         return [
             scene
             for seed in range(30)
-            for kind in ("count", "pair")
-            for scene in make_chat(random.Random(seed), kind, turns=2, **rates).scenes  # type: ignore[arg-type]
+            for kind in kinds
+            for scene in make_chat(
+                random.Random(seed), kind, turns=2, text_rate=text_rate, number_rate=number_rate
+            ).scenes
         ]
 
     everything = scenes(text_rate=1.0, number_rate=1.0)
