@@ -12,7 +12,7 @@ from PIL import Image, ImageDraw
 from oculo.testing.checkpoints import Size, build_tokenizer, idefics3_parts
 from training import patches, world
 from training.data import MULTI_TURNS, Example, make_chat, make_example
-from training.train import EOS, ISOLATE, collate, split_aids, tokenizer_corpus
+from training.train import EOS, ISOLATE, collate, run_estimate, split_aids, tokenizer_corpus
 
 
 def test_scenes_are_reproducible_and_within_the_world() -> None:
@@ -951,3 +951,14 @@ def test_the_reading_summary_splits_misreadings_by_kind_and_glyph_width() -> Non
     assert report["misread"] == 4 and report["wrong_length"] == 2
     assert report["confused"] == {"8->9": 1, "T->R": 1}
     assert reading_summary([])["all"] == {"n": 0, "read": None}
+
+
+def test_a_probe_says_how_long_the_run_would_take_and_what_fits_the_hour() -> None:
+    # the shipped recipe on the Intel Xeon of run 30, and on the AVX2-only AMD EPYC of run 31
+    assert run_estimate(5500, 1.6) == "5500 steps would take about 57 minutes here"
+    assert run_estimate(5500, 0.82) == (
+        "5500 steps would take about 112 minutes here, over 60: about 2952 steps fit"
+    )
+    assert run_estimate(2800, 0.92, budget=45) == (
+        "2800 steps would take about 51 minutes here, over 45: about 2484 steps fit"
+    )

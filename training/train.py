@@ -341,6 +341,17 @@ def batch_loader(batches: Batches, workers: int) -> DataLoader[dict[str, torch.T
     )
 
 
+def run_estimate(steps: int, rate: float, budget: float = 60.0) -> str:
+    """What a probe's `rate` (steps/s) says of a run of `steps`: its minutes here and, where
+    that passes `budget` minutes, how many steps fit in it (the recipe's steps count: half
+    of them cost 14-38 points on the card's held-out rows, run 31 in training/README.md)."""
+    minutes = steps / rate / 60
+    said = f"{steps} steps would take about {minutes:.0f} minutes here"
+    if minutes <= budget:
+        return said
+    return f"{said}, over {budget:.0f}: about {round(rate * 60 * budget)} steps fit"
+
+
 def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
     if step < warmup:
         return peak * (step + 1) / warmup
@@ -996,7 +1007,10 @@ def main() -> None:
             model.train()
     if args.probe or args.stop_after:
         done = args.stop_after or steps
-        print(f"stopped after {done} steps: {done / (time.perf_counter() - started):.2f} steps/s")
+        rate = done / (time.perf_counter() - started)
+        print(f"stopped after {done} steps: {rate:.2f} steps/s")
+        if args.probe:  # it reads a little low: the first steps warm up
+            print(run_estimate(args.steps, rate), flush=True)
         if args.stop_after:  # the log, to set beside a whole run's: no weights are saved
             args.out.mkdir(parents=True, exist_ok=True)
             write_log(args, log)
