@@ -218,6 +218,21 @@ def test_the_reading_diagnostic_measures_the_shipped_model_on_both_sets() -> Non
     assert report["held-out"]["all"]["read"] > report["different"]["all"]["read"], report
 
 
+def test_the_seed_scene_and_two_image_diagnostics_measure_the_shipped_model() -> None:
+    """`training.evaluate --seed-scene`: the issue's picture in 12 drawings; the shipped model
+    answers 'A blue star. The text says "GO".' to all 12. `--pairs N`: two-image descriptions,
+    216 of 300 right whole on its card's run (seed "pairs"). Here a few of them: the counts must
+    add up, and most of the seed scene must be right."""
+    from training.evaluate import pairs, seed_scene
+
+    scene = asyncio.run(seed_scene(PACKAGED))
+    assert scene["drawings"] == 12 == sum(scene["answers"].values())
+    assert scene["blue_star"] >= 9 and scene["reads_go"] >= 9, scene
+    report = asyncio.run(pairs(PACKAGED, 4, seed=0))
+    assert report["right"] + report["wrong_only_in_text"] + report["wrong_in_scene"] == 4
+    assert len(report["examples"]) == 4 - report["right"]
+
+
 def the_shipped_command() -> list[str]:
     """The command on the shipped model's card, as arguments to `python -m training.train`."""
     card = (PACKAGED / "README.md").read_text()

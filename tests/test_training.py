@@ -953,6 +953,22 @@ def test_the_reading_summary_splits_misreadings_by_kind_and_glyph_width() -> Non
     assert reading_summary([])["all"] == {"n": 0, "read": None}
 
 
+def test_a_two_image_mistake_is_told_apart_by_whether_only_the_quoted_text_is_wrong() -> None:
+    from training.evaluate import pair_mistake
+
+    want = (
+        'The first image shows a red circle. The text says "GO". The second image shows a blue '
+        "star and a green square."
+    )
+    assert pair_mistake(want.upper() + "  ", want) is None  # case, spacing, final stop ignored
+    assert pair_mistake(want.replace('"GO"', '"GOT"'), want) == "text"
+    assert pair_mistake(want.replace("blue star", "blue triangle"), want) == "scene"
+    # text said where there is none, or none said where there is: the scene, not the reading
+    assert pair_mistake(want.replace(' The text says "GO".', ""), want) == "scene"
+    both = want.replace('"GO"', '"GOT"').replace("red circle", "red square")
+    assert pair_mistake(both, want) == "scene"
+
+
 def test_a_probe_says_how_long_the_run_would_take_and_what_fits_the_hour() -> None:
     # the shipped recipe on the Intel Xeon of run 30, and on the AVX2-only AMD EPYC of run 31
     assert run_estimate(5500, 1.6) == "5500 steps would take about 57 minutes here"

@@ -24,6 +24,13 @@ set, split by what was printed (numbers, words), by how wide its glyphs are at t
 (the image is stretched to a square there, so a wide image's glyphs come out narrow), and by the
 kind of mistake: an answer of the wrong length (a character dropped or doubled) or of the right
 length with characters confused, and which ones.
+
+`--seed-scene` asks the seed's question ("What is in this image?", after the seed's system
+message) about the issue's picture, a blue star and the text "GO", in 12 drawings (640x480,
+320x240, 1120x840 and 200x200, three seeds each), and counts the answers that name a blue star and
+those that read "GO". `--pairs N` asks for N two-image descriptions of the training routine and
+counts those right whole, and of the wrong ones, those wrong only in a printed text (the scene
+described right, a word misread) and the rest (a shape, a colour or whether there is text).
 """
 
 from __future__ import annotations
@@ -238,6 +245,72 @@ async def lookups(model: Path, n: int, seed: int) -> dict[str, Any]:
     }
 
 
+SEED_SCENE_SIZES = ((640, 480), (320, 240), (1120, 840), (200, 200))
+
+
+async def seed_scene(model: Path) -> dict[str, Any]:
+    """The seed-scene diagnostic (see the module's docstring)."""
+    from oculo.engines.transformers import TransformersEngine
+
+    engine = TransformersEngine(model, model_id="eval")
+    answers: Counter[str] = Counter()
+    try:
+        for width, height in SEED_SCENE_SIZES:
+            for k in range(3):
+                rng = random.Random(f"seed-scene:{width}:{k}")
+                scene = world.Scene((world.Item("star", "blue"),), "GO", width, height, "plain")
+                image = world.render(scene, rng, "train")
+                question = "What is in this image?"
+                example = Example("describe", world.SYSTEM_PROMPTS[0], question, "", [image])
+                answers[
+                    await answer(engine, example, through_server_media(example, rng, "train"))
+                ] += 1
+    finally:
+        await engine.close()
+    return {
+        "drawings": answers.total(),
+        "blue_star": sum(n for a, n in answers.items() if "blue star" in a.lower()),
+        "reads_go": sum(n for a, n in answers.items() if re.search(r'"GO"', a)),
+        "answers": dict(answers.most_common()),
+    }
+
+
+def pair_mistake(got: str, want: str) -> str | None:
+    """None if a two-image description is right; "text" if it is wrong only in what it quotes
+    (the printed words), "scene" if a shape, a colour or whether there is text is wrong."""
+    if world.normalize(got) == world.normalize(want):
+        return None
+    unquoted = [world.normalize(re.sub(r'"[^"]*"', '""', a)) for a in (got, want)]
+    return "text" if unquoted[0] == unquoted[1] else "scene"
+
+
+async def pairs(model: Path, n: int, seed: int) -> dict[str, Any]:
+    """The two-image diagnostic (see the module's docstring)."""
+    from oculo.engines.transformers import TransformersEngine
+
+    engine = TransformersEngine(model, model_id="eval")
+    rng = random.Random(f"pairs:{seed}")
+    verdicts: Counter[str | None] = Counter()
+    wrong: list[dict[str, str]] = []
+    try:
+        for _ in range(n):
+            example = make_example(rng, "train", "pair")
+            got = await answer(engine, example, through_server_media(example, rng, "train"))
+            verdict = pair_mistake(got, example.answer)
+            verdicts[verdict] += 1
+            if verdict and len(wrong) < 5:
+                wrong.append({"want": example.answer, "got": got})
+    finally:
+        await engine.close()
+    return {
+        "n": n,
+        "right": verdicts[None],
+        "wrong_only_in_text": verdicts["text"],
+        "wrong_in_scene": verdicts["scene"],
+        "examples": wrong,
+    }
+
+
 WIDTHS = (0, 10, 16, 25, 1_000)  # glyph widths at the model's input, px: the buckets' edges
 
 
@@ -365,6 +438,17 @@ def main() -> None:
         default=0,
         help="only the look-up diagnostic, on this many three-shape scenes (see above)",
     )
+    parser.add_argument(
+        "--seed-scene",
+        action="store_true",
+        help="only the issue's picture (a blue star and GO) in 12 drawings (see above)",
+    )
+    parser.add_argument(
+        "--pairs",
+        type=int,
+        default=0,
+        help="only the two-image diagnostic, on this many pairs (see above)",
+    )
     args = parser.parse_args()
     import torch
 
@@ -375,6 +459,12 @@ def main() -> None:
         return
     if args.reading:
         print(json.dumps(asyncio.run(reading(args.model, args.reading, args.seed)), indent=1))
+        return
+    if args.seed_scene:
+        print(json.dumps(asyncio.run(seed_scene(args.model)), indent=1))
+        return
+    if args.pairs:
+        print(json.dumps(asyncio.run(pairs(args.model, args.pairs, args.seed)), indent=1))
         return
     report = asyncio.run(evaluate(args.model, args.n, args.seed))
     report["seconds"] = round(time.perf_counter() - started, 1)
