@@ -436,6 +436,34 @@ def test_a_stream_that_has_started_is_not_retried_and_ends_with_an_error_event(
     assert all(row["status"] == 502 for row in rows)
 
 
+def test_the_pieces_that_came_before_a_broken_connection_are_relayed_not_dropped() -> None:
+    """aiohttp raises a broken body's error before the bytes that arrived just before the break
+    (aio-libs/aiohttp#3026): under load the last pieces an upstream sent ('Hello from' came out
+    'Hello' in the test above, now and then). `unread` hands them over, and the error stays."""
+    import asyncio
+    from unittest.mock import Mock
+
+    import aiohttp
+
+    from oculo.engines.remote import unread
+
+    async def run() -> None:
+        loop = asyncio.get_running_loop()
+        reader = aiohttp.StreamReader(Mock(_reading_paused=False), 2**16, loop=loop)
+        assert unread(reader) == b""  # nothing failed: nothing taken
+        reader.feed_data(b'data: {"a": 1}\n\n')
+        reader.feed_data(b'data: {"b": 2}\n\n')
+        reader.set_exception(aiohttp.ClientPayloadError("Response payload is not completed"))
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await reader.readany()  # aiohttp's own way: the two events are not given
+        assert unread(reader) == b'data: {"a": 1}\n\ndata: {"b": 2}\n\n'
+        assert unread(reader) == b""
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await reader.readany()  # and then the error, as before
+
+    asyncio.run(run())
+
+
 def test_a_client_that_leaves_closes_the_upstream_request(tmp_path: Path) -> None:
     words = tuple(f" w{i}" for i in range(100))
     with stubs(1) as (stub,), oculo(remote(stub.url), data_dir=tmp_path) as base:

@@ -83,6 +83,29 @@ class _Failed(Exception):
 _EXPECTED = (_Failed, TimeoutError, aiohttp.ClientError, MalformedEvent)
 
 
+def unread(content: aiohttp.StreamReader) -> bytes:
+    """The bytes of a failed response body that arrived but were not read yet.
+
+    Once a connection breaks, aiohttp's reader raises its error at the next read even where the
+    bytes that came just before the break wait in its buffer (aio-libs/aiohttp#3026): under
+    load, the last pieces an upstream did send before failing would be lost. Its error is held
+    back for one read here, so that they can be relayed before the error is."""
+    error = content.exception()
+    if error is None or not hasattr(content, "_exception"):
+        return b""
+    content._exception = None
+    try:
+        return content.read_nowait()
+    finally:
+        content.set_exception(error)
+
+
+async def _raise(error: BaseException) -> AsyncIterator[bytes]:
+    """An iterator of body chunks that fails at once with `error`."""
+    raise error
+    yield b""  # pragma: no cover  (an async generator)
+
+
 class RemoteEngine:
     """`engine = "remote"`: see the module docstring."""
 
@@ -409,6 +432,12 @@ class _Attempt:
                 chunk = await anext(self._chunks)
             except StopAsyncIteration:
                 return None
+            except aiohttp.ClientError as error:
+                assert self._response is not None
+                chunk = unread(self._response.content)
+                if not chunk:
+                    raise
+                self._chunks = _raise(error)  # the pieces that came first, then the error
             self._events.extend(parse_event(data) for data in self._decoder.feed(chunk))
         return self._events.popleft()
 
