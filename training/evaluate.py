@@ -262,15 +262,14 @@ async def seed_scene(model: Path) -> dict[str, Any]:
                 image = world.render(scene, rng, "train")
                 question = "What is in this image?"
                 example = Example("describe", world.SYSTEM_PROMPTS[0], question, "", [image])
-                answers[
-                    await answer(engine, example, through_server_media(example, rng, "train"))
-                ] += 1
+                got = await answer(engine, example, through_server_media(example, rng, "train"))
+                answers[got] += 1
     finally:
         await engine.close()
     return {
         "drawings": answers.total(),
         "blue_star": sum(n for a, n in answers.items() if "blue star" in a.lower()),
-        "reads_go": sum(n for a, n in answers.items() if re.search(r'"GO"', a)),
+        "reads_go": sum(n for a, n in answers.items() if '"GO"' in a),
         "answers": dict(answers.most_common()),
     }
 
