@@ -43,7 +43,8 @@ import random
 import re
 import time
 from collections import Counter, defaultdict
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from itertools import pairwise
 from pathlib import Path
 from typing import Any
@@ -124,13 +125,22 @@ async def answer(engine: Any, example: Example, images: list[Any]) -> str:
     return "".join([delta.text async for delta in engine.generate(request)])
 
 
-async def evaluate(model: Path, n: int, seed: int) -> dict[str, Any]:
+@asynccontextmanager
+async def served(model: Path) -> AsyncIterator[Any]:
+    """`model` loaded as oculo serves it (`TransformersEngine`), closed at the end."""
     from oculo.engines.transformers import TransformersEngine
 
     engine = TransformersEngine(model, model_id="eval")
+    try:
+        yield engine
+    finally:
+        await engine.close()
+
+
+async def evaluate(model: Path, n: int, seed: int) -> dict[str, Any]:
     results: dict[str, Any] = {}
     mistakes: dict[str, list[dict[str, str]]] = defaultdict(list)
-    try:
+    async with served(model) as engine:
         for name, style in SETS.items():
             rng = random.Random(f"evaluate:{name}:{seed}")
             scores: dict[str, list[int]] = {}
@@ -158,8 +168,6 @@ async def evaluate(model: Path, n: int, seed: int) -> dict[str, Any]:
             results[name] = {k: round(100 * sum(v) / len(v), 1) for k, v in scores.items()}
             results[name]["read_chars"] = round(100 * chars[0] / max(1, chars[1]), 1)
         unseen = await unseen_faces(engine, n, seed)
-    finally:
-        await engine.close()
     return {
         "accuracy": results,
         "unseen_faces": unseen,
@@ -207,12 +215,9 @@ def _plain_scene(rng: random.Random) -> world.Scene:
 
 async def lookups(model: Path, n: int, seed: int) -> dict[str, Any]:
     """The look-up diagnostic (see the module's docstring)."""
-    from oculo.engines.transformers import TransformersEngine
-
-    engine = TransformersEngine(model, model_id="eval")
     rng = random.Random(f"lookups:{seed}")
     colours = one_colour = yes_no = said_yes = 0
-    try:
+    async with served(model) as engine:
         for _ in range(n):
             scene = _plain_scene(rng)
             image = world.render(scene, rng)
@@ -234,8 +239,6 @@ async def lookups(model: Path, n: int, seed: int) -> dict[str, Any]:
                 got = world.normalize(await answer(engine, example, [image]))
                 yes_no += got == want
                 said_yes += got == "yes"
-    finally:
-        await engine.close()
     return {
         "scenes": n,
         "colour_right": round(colours / (3 * n), 3),
@@ -250,11 +253,8 @@ SEED_SCENE_SIZES = ((640, 480), (320, 240), (1120, 840), (200, 200))
 
 async def seed_scene(model: Path) -> dict[str, Any]:
     """The seed-scene diagnostic (see the module's docstring)."""
-    from oculo.engines.transformers import TransformersEngine
-
-    engine = TransformersEngine(model, model_id="eval")
     answers: Counter[str] = Counter()
-    try:
+    async with served(model) as engine:
         for width, height in SEED_SCENE_SIZES:
             for k in range(3):
                 rng = random.Random(f"seed-scene:{width}:{k}")
@@ -264,8 +264,6 @@ async def seed_scene(model: Path) -> dict[str, Any]:
                 example = Example("describe", world.SYSTEM_PROMPTS[0], question, "", [image])
                 got = await answer(engine, example, through_server_media(example, rng, "train"))
                 answers[got] += 1
-    finally:
-        await engine.close()
     return {
         "drawings": answers.total(),
         "blue_star": sum(n for a, n in answers.items() if "blue star" in a.lower()),
@@ -285,13 +283,10 @@ def pair_mistake(got: str, want: str) -> str | None:
 
 async def pairs(model: Path, n: int, seed: int) -> dict[str, Any]:
     """The two-image diagnostic (see the module's docstring)."""
-    from oculo.engines.transformers import TransformersEngine
-
-    engine = TransformersEngine(model, model_id="eval")
     rng = random.Random(f"pairs:{seed}")
     verdicts: Counter[str | None] = Counter()
     wrong: list[dict[str, str]] = []
-    try:
+    async with served(model) as engine:
         for _ in range(n):
             example = make_example(rng, "train", "pair")
             got = await answer(engine, example, through_server_media(example, rng, "train"))
@@ -299,8 +294,6 @@ async def pairs(model: Path, n: int, seed: int) -> dict[str, Any]:
             verdicts[verdict] += 1
             if verdict and len(wrong) < 5:
                 wrong.append({"want": example.answer, "got": got})
-    finally:
-        await engine.close()
     return {
         "n": n,
         "right": verdicts[None],
@@ -356,13 +349,10 @@ def reading_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 async def reading(model: Path, n: int, seed: int) -> dict[str, Any]:
     """The reading diagnostic (see the module's docstring), on each set."""
-    from oculo.engines.transformers import TransformersEngine
-
-    engine = TransformersEngine(model, model_id="eval")
     config = json.loads((model / "processor_config.json").read_text())
     side = config["image_processor"]["max_image_size"]["longest_edge"]
     report = {}
-    try:
+    async with served(model) as engine:
         for name, style in SETS.items():
             rng = random.Random(f"reading:{name}:{seed}")
             rows: list[dict[str, Any]] = []
@@ -370,8 +360,6 @@ async def reading(model: Path, n: int, seed: int) -> dict[str, Any]:
                 got = await answer(engine, example, through_server_media(example, rng, style))
                 rows.append({"printed": printed, "got": got, "width": glyph_width(example, side)})
             report[name] = reading_summary(rows)
-    finally:
-        await engine.close()
     return report
 
 
