@@ -969,6 +969,66 @@ def test_a_two_image_mistake_is_told_apart_by_whether_only_the_quoted_text_is_wr
     assert pair_mistake(both, want) == "scene"
 
 
+def test_a_descriptions_shapes_are_scored_apart_from_its_text() -> None:
+    from training.evaluate import named_items, scene_mistake
+
+    scene = world.Scene(
+        (world.Item("circle", "red"), world.Item("star", "blue")), "AN A", 200, 100, "plain"
+    )
+    want = world.describe(scene)
+    assert named_items(want) == [("red", "circle"), ("blue", "star")]  # "AN A" is not an item
+    assert scene_mistake(want.replace('"AN A"', '"A"'), scene) is None  # a misread text aside
+    assert scene_mistake("A red circle.", scene) == "count"
+    assert scene_mistake("A blue star and a red circle.", scene) == "order"
+    assert scene_mistake("A red square and a blue star.", scene) == "shape"
+    assert scene_mistake("A red circle and an orange star.", scene) == "colour"
+    assert scene_mistake("A red circle and an orange triangle.", scene) == "shape and colour"
+
+
+def test_the_scene_summary_splits_descriptions_by_count_size_and_squeeze() -> None:
+    from training.evaluate import scene_summary
+
+    def row(mistake: str | None, count: int, side: float, squeeze: float) -> dict[str, object]:
+        confused = ["triangle->star"] if mistake == "shape" else []
+        return {
+            "mistake": mistake,
+            "count": count,
+            "side": side,
+            "squeeze": squeeze,
+            "confused": confused,
+            "text_presence_wrong": mistake == "count",
+        }
+
+    rows = [row(None, 1, 40.0, 1.0), row("shape", 3, 10.0, 2.5), row("count", 3, 15.0, 1.5)]
+    report = scene_summary([*rows, row(None, 2, 25.0, 1.2)])
+    assert report["all"] == {"n": 4, "right": 50.0}
+    assert report["by_count"][3] == {"n": 2, "right": 0.0}
+    assert report["by_smallest_side_px"] == {
+        "0-12": {"n": 1, "right": 0.0},
+        "12-20": {"n": 1, "right": 0.0},
+        "20-32": {"n": 1, "right": 100.0},
+        ">=32": {"n": 1, "right": 100.0},
+    }
+    assert report["by_squeeze"][">=2"] == {"n": 1, "right": 0.0}
+    assert report["mistakes"] == {"shape": 1, "count": 1}
+    assert report["text_presence_wrong"] == 1
+    assert report["shapes_confused"] == {"triangle->star": 1}
+
+
+def test_the_smallest_shape_is_measured_at_the_models_input() -> None:
+    from training.evaluate import smallest_side
+
+    example = make_example(random.Random(3), "train", "describe")
+    items = example.labels[0].items
+    side = smallest_side(example, 128)
+    boxes = [items.point(lambda v, k=k: 255 if v == k else 0).getbbox() for k in (1, 2, 3)]
+    found = [b for b in boxes if b]
+    assert len(found) == len(example.scenes[0].items)
+    assert 0 < side <= 128
+    # twice the input, twice the side
+    assert smallest_side(example, 256) == pytest.approx(2 * side)
+
+
 def test_a_probe_says_how_long_the_run_would_take_and_what_fits_the_hour() -> None:
     # the shipped recipe on the Intel Xeon of run 30, and on the AVX2-only AMD EPYC of run 31
     assert run_estimate(5500, 1.6) == "5500 steps would take about 57 minutes here"

@@ -31,6 +31,12 @@ message) about the issue's picture, a blue star and the text "GO", in 12 drawing
 those that read "GO". `--pairs N` asks for N two-image descriptions of the training routine and
 counts those right whole, and of the wrong ones, those wrong only in a printed text (the scene
 described right, a word misread) and the rest (a shape, a colour or whether there is text).
+
+`--scenes N` asks for N descriptions on each set and scores their shapes alone (the printed text
+aside): the share right, by the number of shapes, by the smallest shape's shorter side at the
+model's input and by how much the image is stretched to make it square; and what the wrong ones
+get wrong (how many shapes, their order, a shape, a colour), which shapes are named for which,
+and how often the answer says there is text where there is none or none where there is.
 """
 
 from __future__ import annotations
@@ -303,6 +309,108 @@ async def pairs(model: Path, n: int, seed: int) -> dict[str, Any]:
     }
 
 
+ITEM = re.compile(r"\b(?:a|an) (\w+) (\w+)")
+SIDES = (0, 12, 20, 32, 1_000)  # the smallest shape's shorter side at the model's input, px
+SQUEEZES = (1.0, 1.3, 2.0, 10.0)  # how much the image is stretched one way to make it square
+
+
+def named_items(description: str) -> list[tuple[str, str]]:
+    """The (colour, shape) pairs a description names, left to right (a quoted text left out)."""
+    return ITEM.findall(re.sub(r'"[^"]*"', '""', description.lower()))
+
+
+def scene_mistake(got: str, scene: world.Scene) -> str | None:
+    """What a description gets wrong about the shapes, its printed text aside: None, "count",
+    "order" (the right shapes in another order), "shape", "colour" or "shape and colour" (in the
+    places where it errs)."""
+    named, want = named_items(got), [(i.color, i.shape) for i in scene.items]
+    if named == want:
+        return None
+    if len(named) != len(want):
+        return "count"
+    if sorted(named) == sorted(want):
+        return "order"
+    colour = any(a[0] != b[0] for a, b in zip(named, want, strict=True))
+    shape = any(a[1] != b[1] for a, b in zip(named, want, strict=True))
+    return "shape and colour" if shape and colour else "shape" if shape else "colour"
+
+
+def smallest_side(example: Example, side: int) -> float:
+    """The shorter side, at the model's `side` px square input, of the first image's smallest
+    shape (its box)."""
+    items = example.labels[0].items
+    width, height = items.size
+    sides = []
+    for k in range(1, len(example.scenes[0].items) + 1):
+        box = items.point(lambda v, k=k: 255 if v == k else 0).getbbox()
+        if box:
+            x0, y0, x1, y1 = box
+            sides.append(min((x1 - x0) * side / width, (y1 - y0) * side / height))
+    return min(sides, default=0.0)
+
+
+def scene_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Sum up descriptions, each {"mistake" (`scene_mistake`), "count" (shapes drawn), "side"
+    (`smallest_side`), "squeeze", "confused" (the shapes named in place of the drawn ones)}:
+    the share whose shapes are right, overall and by each of the three, and the mistakes."""
+
+    def share(chosen: list[dict[str, Any]]) -> dict[str, Any]:
+        right = sum(r["mistake"] is None for r in chosen)
+        return {"n": len(chosen), "right": round(100 * right / len(chosen), 1) if chosen else None}
+
+    def buckets(key: str, edges: tuple[float, ...]) -> dict[str, Any]:
+        return {
+            f"{lo:g}-{hi:g}" if hi < edges[-1] else f">={lo:g}": share(
+                [r for r in rows if lo <= r[key] < hi]
+            )
+            for lo, hi in pairwise(edges)
+        }
+
+    confused: Counter[str] = Counter()
+    for r in rows:
+        confused.update(r["confused"])
+    return {
+        "all": share(rows),
+        "by_count": {n: share([r for r in rows if r["count"] == n]) for n in (1, 2, 3)},
+        "by_smallest_side_px": buckets("side", SIDES),
+        "by_squeeze": buckets("squeeze", SQUEEZES),
+        "mistakes": dict(Counter(r["mistake"] for r in rows if r["mistake"]).most_common()),
+        "text_presence_wrong": sum(r["text_presence_wrong"] for r in rows),
+        "shapes_confused": dict(confused.most_common(8)),
+    }
+
+
+async def scenes(model: Path, n: int, seed: int) -> dict[str, Any]:
+    """The description diagnostic (see the module's docstring), on each set."""
+    side = input_side(model)
+    report = {}
+    async with served(model) as engine:
+        for name, style in SETS.items():
+            rng = random.Random(f"scenes:{name}:{seed}")
+            rows: list[dict[str, Any]] = []
+            for _ in range(n):
+                example = make_example(rng, style, "describe")
+                got = await answer(engine, example, through_server_media(example, rng, style))
+                scene = example.scenes[0]
+                named, want = named_items(got), scene.items
+                rows.append(
+                    {
+                        "mistake": scene_mistake(got, scene),
+                        "count": len(want),
+                        "side": smallest_side(example, side),
+                        "squeeze": max(scene.width / scene.height, scene.height / scene.width),
+                        "confused": [
+                            f"{i.shape}->{s}"
+                            for i, (_, s) in zip(want, named, strict=False)
+                            if len(named) == len(want) and s != i.shape
+                        ],
+                        "text_presence_wrong": ("text says" in got.lower()) != bool(scene.text),
+                    }
+                )
+            report[name] = scene_summary(rows)
+    return report
+
+
 WIDTHS = (0, 10, 16, 25, 1_000)  # glyph widths at the model's input, px: the buckets' edges
 
 
@@ -347,10 +455,15 @@ def reading_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def input_side(model: Path) -> int:
+    """The side of the square every image is resized to for `model`, px."""
+    config = json.loads((model / "processor_config.json").read_text())
+    return int(config["image_processor"]["max_image_size"]["longest_edge"])
+
+
 async def reading(model: Path, n: int, seed: int) -> dict[str, Any]:
     """The reading diagnostic (see the module's docstring), on each set."""
-    config = json.loads((model / "processor_config.json").read_text())
-    side = config["image_processor"]["max_image_size"]["longest_edge"]
+    side = input_side(model)
     report = {}
     async with served(model) as engine:
         for name, style in SETS.items():
@@ -436,6 +549,12 @@ def main() -> None:
         default=0,
         help="only the two-image diagnostic, on this many pairs (see above)",
     )
+    parser.add_argument(
+        "--scenes",
+        type=int,
+        default=0,
+        help="only the description diagnostic, on this many descriptions a set (see above)",
+    )
     args = parser.parse_args()
     import torch
 
@@ -449,6 +568,9 @@ def main() -> None:
         return
     if args.seed_scene:
         print(json.dumps(asyncio.run(seed_scene(args.model)), indent=1))
+        return
+    if args.scenes:
+        print(json.dumps(asyncio.run(scenes(args.model, args.scenes, args.seed)), indent=1))
         return
     if args.pairs:
         print(json.dumps(asyncio.run(pairs(args.model, args.pairs, args.seed)), indent=1))
