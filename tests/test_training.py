@@ -1029,6 +1029,26 @@ def test_the_smallest_shape_is_measured_at_the_models_input() -> None:
     assert smallest_side(example, 256) == pytest.approx(2 * side)
 
 
+def test_a_description_becomes_a_row_of_the_scene_summary() -> None:
+    from training.evaluate import scene_row
+
+    rng = random.Random(5)
+    example = make_example(rng, "train", "describe")
+    while len(example.scenes[0].items) < 2 or example.scenes[0].text:
+        example = make_example(rng, "train", "describe")
+    scene = example.scenes[0]
+    right = scene_row(example, example.answer, 128)
+    assert right["mistake"] is None and right["confused"] == []
+    assert right["count"] == len(scene.items) and not right["text_presence_wrong"]
+    assert right["squeeze"] >= 1.0
+    first = scene.items[0]
+    other = next(s for s in world.SHAPES if s != first.shape)
+    wrong = example.answer.replace(f"{first.color} {first.shape}", f"{first.color} {other}", 1)
+    row = scene_row(example, wrong + ' The text says "HI".', 128)
+    assert row["mistake"] == "shape" and row["confused"][0] == f"{first.shape}->{other}"
+    assert row["text_presence_wrong"]
+
+
 def test_a_probe_says_how_long_the_run_would_take_and_what_fits_the_hour() -> None:
     # the shipped recipe on the Intel Xeon of run 30, and on the AVX2-only AMD EPYC of run 31
     assert run_estimate(5500, 1.6) == "5500 steps would take about 57 minutes here"

@@ -349,6 +349,25 @@ def smallest_side(example: Example, side: int) -> float:
     return min(sides, default=0.0)
 
 
+def scene_row(example: Example, got: str, side: int) -> dict[str, Any]:
+    """One description `got` for `example`, as `scene_summary` sums them up."""
+    scene = example.scenes[0]
+    named = named_items(got)
+    confused = [
+        f"{item.shape}->{shape}"
+        for item, (_, shape) in zip(scene.items, named, strict=False)
+        if shape != item.shape
+    ]
+    return {
+        "mistake": scene_mistake(got, scene),
+        "count": len(scene.items),
+        "side": smallest_side(example, side),
+        "squeeze": max(scene.width / scene.height, scene.height / scene.width),
+        "confused": confused if len(named) == len(scene.items) else [],
+        "text_presence_wrong": ("text says" in got.lower()) != bool(scene.text),
+    }
+
+
 def scene_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """Sum up descriptions, each {"mistake" (`scene_mistake`), "count" (shapes drawn), "side"
     (`smallest_side`), "squeeze", "confused" (the shapes named in place of the drawn ones)}:
@@ -391,22 +410,7 @@ async def scenes(model: Path, n: int, seed: int) -> dict[str, Any]:
             for _ in range(n):
                 example = make_example(rng, style, "describe")
                 got = await answer(engine, example, through_server_media(example, rng, style))
-                scene = example.scenes[0]
-                named, want = named_items(got), scene.items
-                rows.append(
-                    {
-                        "mistake": scene_mistake(got, scene),
-                        "count": len(want),
-                        "side": smallest_side(example, side),
-                        "squeeze": max(scene.width / scene.height, scene.height / scene.width),
-                        "confused": [
-                            f"{i.shape}->{s}"
-                            for i, (_, s) in zip(want, named, strict=False)
-                            if len(named) == len(want) and s != i.shape
-                        ],
-                        "text_presence_wrong": ("text says" in got.lower()) != bool(scene.text),
-                    }
-                )
+                rows.append(scene_row(example, got, side))
             report[name] = scene_summary(rows)
     return report
 
