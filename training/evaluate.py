@@ -49,7 +49,7 @@ import random
 import re
 import time
 from collections import Counter, defaultdict
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from itertools import pairwise
 from pathlib import Path
@@ -314,6 +314,22 @@ SIDES = (0, 12, 20, 32, 1_000)  # the smallest shape's shorter side at the model
 SQUEEZES = (1.0, 1.3, 2.0, 10.0)  # how much the image is stretched one way to make it square
 
 
+def bucketed(
+    rows: list[dict[str, Any]],
+    key: str,
+    edges: tuple[float, ...],
+    share: Callable[[list[dict[str, Any]]], dict[str, Any]],
+    unit: str = "",
+) -> dict[str, Any]:
+    """`share` of the rows whose `key` lies in each bucket between `edges` (the last open)."""
+    return {
+        f"{lo:g}-{hi:g}{unit}" if hi < edges[-1] else f">={lo:g}{unit}": share(
+            [r for r in rows if lo <= r[key] < hi]
+        )
+        for lo, hi in pairwise(edges)
+    }
+
+
 def named_items(description: str) -> list[tuple[str, str]]:
     """The (colour, shape) pairs a description names, left to right (a quoted text left out)."""
     return ITEM.findall(re.sub(r'"[^"]*"', '""', description.lower()))
@@ -377,22 +393,14 @@ def scene_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
         right = sum(r["mistake"] is None for r in chosen)
         return {"n": len(chosen), "right": round(100 * right / len(chosen), 1) if chosen else None}
 
-    def buckets(key: str, edges: tuple[float, ...]) -> dict[str, Any]:
-        return {
-            f"{lo:g}-{hi:g}" if hi < edges[-1] else f">={lo:g}": share(
-                [r for r in rows if lo <= r[key] < hi]
-            )
-            for lo, hi in pairwise(edges)
-        }
-
     confused: Counter[str] = Counter()
     for r in rows:
         confused.update(r["confused"])
     return {
         "all": share(rows),
         "by_count": {n: share([r for r in rows if r["count"] == n]) for n in (1, 2, 3)},
-        "by_smallest_side_px": buckets("side", SIDES),
-        "by_squeeze": buckets("squeeze", SQUEEZES),
+        "by_smallest_side_px": bucketed(rows, "side", SIDES, share),
+        "by_squeeze": bucketed(rows, "squeeze", SQUEEZES, share),
         "mistakes": dict(Counter(r["mistake"] for r in rows if r["mistake"]).most_common()),
         "text_presence_wrong": sum(r["text_presence_wrong"] for r in rows),
         "shapes_confused": dict(confused.most_common(8)),
@@ -447,12 +455,7 @@ def reading_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "all": share(rows),
         "numbers": share([r for r in rows if r["printed"].isdigit()]),
         "words": share([r for r in rows if not r["printed"].isdigit()]),
-        "by_glyph_width": {
-            f"{lo}-{hi}px" if hi < WIDTHS[-1] else f">={lo}px": share(
-                [r for r in rows if lo <= r["width"] < hi]
-            )
-            for lo, hi in pairwise(WIDTHS)
-        },
+        "by_glyph_width": bucketed(rows, "width", WIDTHS, share, unit="px"),
         "misread": len(misread),
         "wrong_length": sum(len(r["said"]) != len(r["printed"]) for r in misread),
         "confused": dict(confused.most_common(10)),
