@@ -49,7 +49,7 @@ import random
 import re
 import time
 from collections import Counter, defaultdict
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from contextlib import asynccontextmanager
 from itertools import pairwise
 from pathlib import Path
@@ -409,18 +409,12 @@ def scene_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 async def scenes(model: Path, n: int, seed: int) -> dict[str, Any]:
     """The description diagnostic (see the module's docstring), on each set."""
-    side = input_side(model)
-    report = {}
-    async with served(model) as engine:
-        for name, style in SETS.items():
-            rng = random.Random(f"scenes:{name}:{seed}")
-            rows: list[dict[str, Any]] = []
-            for _ in range(n):
-                example = make_example(rng, style, "describe")
-                got = await answer(engine, example, through_server_media(example, rng, style))
-                rows.append(scene_row(example, got, side))
-            report[name] = scene_summary(rows)
-    return report
+
+    def descriptions(rng: random.Random, style: world.Style) -> Iterator[Example]:
+        return (make_example(rng, style, "describe") for _ in range(n))
+
+    rows = await rows_on_each_set(model, f"scenes:{{}}:{seed}", descriptions, scene_row)
+    return {name: scene_summary(chosen) for name, chosen in rows.items()}
 
 
 WIDTHS = (0, 10, 16, 25, 1_000)  # glyph widths at the model's input, px: the buckets' edges
@@ -468,19 +462,40 @@ def input_side(model: Path) -> int:
     return int(config["image_processor"]["max_image_size"]["longest_edge"])
 
 
-async def reading(model: Path, n: int, seed: int) -> dict[str, Any]:
-    """The reading diagnostic (see the module's docstring), on each set."""
+async def rows_on_each_set(
+    model: Path,
+    seed: str,
+    examples: Callable[[random.Random, world.Style], Iterable[Example]],
+    row: Callable[[Example, str, int], dict[str, Any]],
+) -> dict[str, list[dict[str, Any]]]:
+    """For each set, the `row` (the example, the model's answer, the input's side) of each of
+    the `examples` drawn from `Random(seed.format(set's name))`, answered through the server's
+    media code."""
     side = input_side(model)
-    report = {}
+    rows: dict[str, list[dict[str, Any]]] = {}
     async with served(model) as engine:
         for name, style in SETS.items():
-            rng = random.Random(f"reading:{name}:{seed}")
-            rows: list[dict[str, Any]] = []
-            for example, printed in with_text(rng, style, n):
+            rng = random.Random(seed.format(name))
+            rows[name] = []
+            for example in examples(rng, style):
                 got = await answer(engine, example, through_server_media(example, rng, style))
-                rows.append({"printed": printed, "got": got, "width": glyph_width(example, side)})
-            report[name] = reading_summary(rows)
-    return report
+                rows[name].append(row(example, got, side))
+    return rows
+
+
+def reading_row(example: Example, got: str, side: int) -> dict[str, Any]:
+    """One answer to a text question about an image with text, as `reading_summary` takes it."""
+    return {"printed": example.scenes[0].text, "got": got, "width": glyph_width(example, side)}
+
+
+async def reading(model: Path, n: int, seed: int) -> dict[str, Any]:
+    """The reading diagnostic (see the module's docstring), on each set."""
+
+    def texts(rng: random.Random, style: world.Style) -> Iterator[Example]:
+        return (example for example, _ in with_text(rng, style, n))
+
+    rows = await rows_on_each_set(model, f"reading:{{}}:{seed}", texts, reading_row)
+    return {name: reading_summary(chosen) for name, chosen in rows.items()}
 
 
 def table(report: dict[str, Any]) -> str:
