@@ -11,7 +11,7 @@ from PIL import Image, ImageDraw
 
 from oculo.testing.checkpoints import Size, build_tokenizer, idefics3_parts
 from training import patches, world
-from training.data import MULTI_TURNS, Example, make_chat, make_example
+from training.data import MULTI_TURNS, Example, make_chat, make_example, sample_scene
 from training.train import EOS, ISOLATE, collate, run_estimate, split_aids, tokenizer_corpus
 
 
@@ -249,6 +249,46 @@ def test_training_can_print_more_text_and_more_numbers_and_evaluation_draws_as_b
     assert 0.25 < sum(text.isdigit() for text in printed) / len(printed) < 0.35
     words = [world.sample_text(random.Random(i), number_rate=0.0) for i in range(200)]
     assert not any(text.isdigit() for text in words)
+
+
+def test_the_bitmap_faces_texts_can_be_numbers_at_a_rate_of_their_own() -> None:
+    # unset, the face is chosen as the text is drawn, and nothing more is drawn than before
+    plain = [world.sample_scene(random.Random(i), text_rate=1.0) for i in range(40)]
+    unset = [sample_scene(random.Random(i), 1.0, world.NUMBER_RATE, 0.32, None) for i in range(40)]
+    assert unset == [(scene, None) for scene in plain]
+    # set, the face is chosen first, and its texts are numbers at their own rate
+    chosen = [sample_scene(random.Random(i), 1.0, 0.0, 0.5, 1.0) for i in range(200)]
+    printed = [(scene.text, bitmap) for scene, bitmap in chosen if scene.text is not None]
+    assert len(printed) > 100
+    assert all(text.isdigit() == bitmap for text, bitmap in printed)
+    assert 0.35 < sum(bitmap for _, bitmap in printed) / len(printed) < 0.65
+    # and the chosen face is the one drawn: the bitmap face whatever `bitmap_face` says
+    scene = world.Scene((world.Item("star", "blue"),), "GO", 480, 320, "plain")
+    freetype = world.render_labelled(scene, random.Random(4), bitmap=False)[0].tobytes()
+    assert freetype == world.render_labelled(scene, random.Random(4))[0].tobytes()
+    bitmap = world.render_labelled(scene, random.Random(4), bitmap=True)[0].tobytes()
+    assert bitmap != freetype
+    assert (
+        bitmap
+        == world.render_labelled(scene, random.Random(4), bitmap_face=0.0, bitmap=True)[0].tobytes()
+    )
+    # the training's chats follow it, one image or two
+    for kind in ("count", "pair"):
+        numbers = [
+            scene
+            for seed in range(20)
+            for scene in make_chat(
+                random.Random(seed),
+                kind,
+                turns=2,
+                text_rate=1.0,
+                number_rate=0.0,
+                bitmap_face=1.0,
+                bitmap_numbers=1.0,
+            ).scenes
+            if min(scene.width, scene.height) >= 64
+        ]
+        assert len(numbers) > 10 and all(s.text is not None and s.text.isdigit() for s in numbers)
 
 
 def test_a_batch_gives_its_chats_one_layout(monkeypatch: pytest.MonkeyPatch) -> None:

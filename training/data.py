@@ -68,6 +68,26 @@ class Example:
         return chat
 
 
+def sample_scene(
+    rng: random.Random,
+    text_rate: float,
+    number_rate: float,
+    bitmap_face: float,
+    bitmap_numbers: float | None,
+) -> tuple[world.Scene, bool | None]:
+    """A training scene, and whether its text is to be printed in the bitmap face.
+
+    With `bitmap_numbers` None the face is chosen when the text is drawn (`world._draw_text`)
+    and this draws nothing more than `world.sample_scene` does (None). Otherwise the face is
+    chosen first, a `bitmap_face` share of the time, and the bitmap face's texts are numbers
+    `bitmap_numbers` of the time (the other faces' `number_rate`)."""
+    if bitmap_numbers is None or not bitmap_face:
+        return world.sample_scene(rng, text_rate=text_rate, number_rate=number_rate), None
+    bitmap = rng.random() < bitmap_face
+    rate = bitmap_numbers if bitmap else number_rate
+    return world.sample_scene(rng, text_rate=text_rate, number_rate=rate), bitmap
+
+
 def make_example(
     rng: random.Random,
     style: world.Style = "train",
@@ -80,6 +100,7 @@ def make_example(
     real_faces: float = 0.0,
     text_rate: float | None = None,
     number_rate: float = world.NUMBER_RATE,
+    bitmap_numbers: float | None = None,
 ) -> Example:
     if kind is None:
         kinds = list(TRAIN_MIX)
@@ -88,16 +109,15 @@ def make_example(
     image_first = rng.random() < 0.8
     if kind == "pair":
         rate = 0.5 if text_rate is None else text_rate
-        first, second = (
-            world.sample_scene(rng, text_rate=rate, number_rate=number_rate) for _ in range(2)
-        )
-        question, answer = world.ask_pair(first, second, rng)
-        scenes = [first, second]
+        sampled = [
+            sample_scene(rng, rate, number_rate, bitmap_face, bitmap_numbers) for _ in range(2)
+        ]
+        question, answer = world.ask_pair(sampled[0][0], sampled[1][0], rng)
     else:
         rate = (0.75 if kind == "text" else 0.4) if text_rate is None else text_rate
-        scene = world.sample_scene(rng, text_rate=rate, number_rate=number_rate)
-        question, answer = world.ask(scene, rng, kind)
-        scenes = [scene]
+        sampled = [sample_scene(rng, rate, number_rate, bitmap_face, bitmap_numbers)]
+        question, answer = world.ask(sampled[0][0], rng, kind)
+    scenes = [scene for scene, _ in sampled]
     drawn = [
         world.render_labelled(
             scene,
@@ -107,8 +127,9 @@ def make_example(
             made_faces=made_faces,
             bitmap_face=bitmap_face,
             real_faces=real_faces,
+            bitmap=bitmap,
         )
-        for scene in scenes
+        for scene, bitmap in sampled
     ]
     images = [image for image, _ in drawn]
     labels = [label for _, label in drawn]
@@ -133,6 +154,7 @@ def make_chat(
     real_faces: float = 0.0,
     text_rate: float | None = None,
     number_rate: float = world.NUMBER_RATE,
+    bitmap_numbers: float | None = None,
 ) -> Example:
     """A training chat: `kind` first, and (for one image) possibly further questions about the
     same image. A description, which names everything, is only ever the last turn, so no earlier
@@ -143,7 +165,9 @@ def make_chat(
     batch give all its rows the same layout, so that they pad to similar lengths. `draw_max`,
     `made_faces`, `bitmap_face` and `real_faces`: see `world.render_labelled`; `text_rate`, how
     often a scene has printed text (None: the question's own rate, as evaluation draws them) and
-    `number_rate`, how often that text is a number: see `world.sample_scene`."""
+    `number_rate`, how often that text is a number: see `world.sample_scene`;
+    `bitmap_numbers`, how often the bitmap face's texts are (None: `number_rate`, and the face
+    chosen as the text is drawn): see `sample_scene`."""
     if turns is None:
         turns = 1 if rng.random() >= MULTI_RATE else rng.randint(2, MULTI_TURNS)
     if system is None:
@@ -159,13 +183,14 @@ def make_chat(
             real_faces=real_faces,
             text_rate=text_rate,
             number_rate=number_rate,
+            bitmap_numbers=bitmap_numbers,
         )
     singles = [k for k in TRAIN_MIX if k != "pair"]
     kinds = [kind, *rng.choices(singles, weights=[TRAIN_MIX[k] for k in singles], k=turns - 1)]
     kinds = [k for k in kinds if k != "describe"] + (["describe"] if "describe" in kinds else [])
     prompt = rng.choice(world.SYSTEM_PROMPTS) if system else None
     rate = (0.6 if "text" in kinds else 0.4) if text_rate is None else text_rate
-    scene = world.sample_scene(rng, text_rate=rate, number_rate=number_rate)
+    scene, bitmap = sample_scene(rng, rate, number_rate, bitmap_face, bitmap_numbers)
     asked: list[tuple[str, str]] = []
     for k in kinds:
         question, answer = world.ask(scene, rng, k)
@@ -178,6 +203,7 @@ def make_chat(
         made_faces=made_faces,
         bitmap_face=bitmap_face,
         real_faces=real_faces,
+        bitmap=bitmap,
     )
     (question, answer), *more = asked
     return Example(

@@ -271,10 +271,12 @@ class Batches(IterableDataset[dict[str, torch.Tensor]]):
         slots: bool = False,
         text_rate: float | None = None,
         number_rate: float = world.NUMBER_RATE,
+        bitmap_numbers: float | None = None,
     ) -> None:
         self.processor = processor
         self.text_rate = text_rate
         self.number_rate = number_rate
+        self.bitmap_numbers = bitmap_numbers
         self.slots = slots
         self.size = size
         self.draw_max = draw_max
@@ -314,6 +316,7 @@ class Batches(IterableDataset[dict[str, torch.Tensor]]):
                     real_faces=self.real_faces,
                     text_rate=self.text_rate,
                     number_rate=self.number_rate,
+                    bitmap_numbers=self.bitmap_numbers,
                 )
                 for kind in kinds
             ]
@@ -412,6 +415,11 @@ def model_card(
         + (
             f" --number-rate {numbers}"
             if (numbers := getattr(args, "number_rate", world.NUMBER_RATE)) != world.NUMBER_RATE
+            else ""
+        )
+        + (
+            f" --bitmap-number-rate {bitmap_numbers}"
+            if (bitmap_numbers := getattr(args, "bitmap_numbers", None)) is not None
             else ""
         )
         + ("" if pinned else " --no-pin-math")
@@ -594,6 +602,7 @@ def warm_tower(
             args.char_slots,
             args.text_rate,
             args.number_rate,
+            args.bitmap_numbers,
         ),
         args.workers,
     )
@@ -774,6 +783,15 @@ def main() -> None:
         "numbers are read glyph by glyph, with no word list to guess from",
     )
     parser.add_argument(
+        "--bitmap-number-rate",
+        dest="bitmap_numbers",
+        type=float,
+        default=None,
+        help="share of the texts printed in the bitmap face (--bitmap-face) that are numbers "
+        "(default: --number-rate's, the face chosen as the text is drawn); the different set "
+        "prints every text in that face, and its numbers are what it reads worst",
+    )
+    parser.add_argument(
         "--scale-factor",
         type=int,
         default=SIZE.scale_factor,
@@ -867,6 +885,7 @@ def main() -> None:
             args.char_slots,
             args.text_rate,
             args.number_rate,
+            args.bitmap_numbers,
         ),
         args.workers,
     )

@@ -258,13 +258,17 @@ def _draw_text(
     made_faces: float = 0.0,
     bitmap_face: float = 0.0,
     real_faces: float = 0.0,
+    bitmap: bool | None = None,
 ) -> list[CharBox]:
-    """Print the scene's word in the top band; return each character's box."""
+    """Print the scene's word in the top band; return each character's box. `bitmap`: the
+    face already chosen (True: the bitmap face; False: not it); None draws the choice here."""
     assert scene.text is not None
     width, height = image.size
     band_h = height * band
     color = (250, 250, 250) if rng.random() < 0.5 else (15, 15, 15)
-    if style == "train" and bitmap_face and rng.random() < bitmap_face:
+    if bitmap is None:
+        bitmap = style == "train" and bool(bitmap_face) and rng.random() < bitmap_face
+    if style == "train" and bitmap:
         # Pillow's other built-in face, the 6x11 bitmap one, drawn the training's way: a height
         # anywhere from 60 to 100% of what the band allows, now and then squeezed or stretched,
         # blown up blocky (nearest neighbour) or smooth (bilinear). ("alt" draws this face too,
@@ -336,6 +340,7 @@ def render_labelled(
     made_faces: float = 0.0,
     bitmap_face: float = 0.0,
     real_faces: float = 0.0,
+    bitmap: bool | None = None,
 ) -> tuple[Image.Image, Labels]:
     """Draw `scene`, and say where each shape and each printed character ended up.
 
@@ -349,7 +354,10 @@ def render_labelled(
     6x11 bitmap face, the training's way (sizes and squeezes of its own; "alt" prints in that face
     too, drawn its own way); `real_faces` (training): the share of the rest drawn in one of the
     TrueType faces matplotlib ships (`fonts`) instead of Pillow's own, the same way. 0 draws no
-    random number for any of them."""
+    random number for any of them. `bitmap` (training): whether the bitmap face was already
+    chosen for this scene (`data.sample_scene`: before its text was drawn, so that the face's
+    texts can be numbers at a rate of their own); None chooses it here, a `bitmap_face` share
+    of the time."""
     fit = 1.0
     if draw_max is not None and max(scene.width, scene.height) > draw_max:
         fit = draw_max / max(scene.width, scene.height)
@@ -375,7 +383,7 @@ def render_labelled(
         image = image.resize(size, Image.Resampling.LANCZOS)
         items = items.resize(size, Image.Resampling.NEAREST)
     chars = (
-        _draw_text(image, scene, rng, style, band, made_faces, bitmap_face, real_faces)
+        _draw_text(image, scene, rng, style, band, made_faces, bitmap_face, real_faces, bitmap)
         if scene.text
         else []
     )
