@@ -444,6 +444,7 @@ def test_the_tower_warm_up_trains_the_tower_and_not_the_language_model() -> None
         real_faces=0.0,
         text_rate=None,
         number_rate=world.NUMBER_RATE,
+        bitmap_numbers=None,
     )
     model.train()
     warm_tower(model, processor, heads, token_heads, args)
