@@ -30,9 +30,9 @@ from training.data import make_example
 from training.evaluate import answer, through_server_media
 
 # Floors well under what the shipped model measures on its card (100 questions per type, held-out /
-# different: describe 89 / 76%, count 100 / 100%, colour 96 / 93%, yes/no 97 / 94%, text 87 / 78%):
+# different: describe 93 / 85%, count 100 / 99%, colour 99 / 98%, yes/no 98 / 96%, text 91 / 76%):
 # a few questions per type here, and another CPU may break a near-tie in greedy decoding
-# differently. Two-image descriptions (76 / 60%) have no floor; reading words on images that have
+# differently. Two-image descriptions (73 / 65%) have no floor; reading words on images that have
 # them, and looking a shape up, have their own tests below.
 FLOOR = {"describe": 0.25, "count": 0.8, "color": 0.75, "exists": 0.75, "text": 0.15}
 PER_TYPE = 12
@@ -83,7 +83,7 @@ def test_answers_about_fresh_images(engine: Any, style: world.Style) -> None:
 
 def test_it_reads_printed_words_and_numbers_on_fresh_images(engine: Any) -> None:
     """On images drawn by the training routine that have a word or number printed on them, the
-    shipped model reads 84% whole and 91% of the characters (its card; 88% of 300 on another
+    shipped model reads 85.5% whole and 94% of the characters (its card; 88% of 300 on another
     seed); the model shipped before run 12 read none of the numbers and a fifth of the words,
     by guessing a common word."""
     rng = random.Random("tests:reading")
@@ -173,8 +173,8 @@ def test_oculo_serve_with_no_arguments_answers_the_seed_example(tmp_path: Path) 
 def test_the_shipped_model_looks_the_named_shape_up() -> None:
     """Asked each shape's colour on scenes of three shapes in three colours, a model that does not
     look the shape up names one colour for all three (the model shipped before the look-up loss
-    did so on 38 of 40 scenes, and got 32% right); the shipped model gets 98.9% right and never
-    names one colour for all three, and answers 96.3% of the yes/no questions right, 50.4% of them
+    did so on 38 of 40 scenes, and got 32% right); the shipped model gets 98.1% right and never
+    names one colour for all three, and answers 98.8% of the yes/no questions right, 50.4% of them
     "Yes.", on 120 scenes (`training.evaluate --lookups 120`)."""
     from training.evaluate import _plain_scene, lookups
 
@@ -194,19 +194,19 @@ def test_the_shipped_model_looks_the_named_shape_up() -> None:
         assert 0 <= report[key] <= 1 and abs(share - round(share)) < 0.02, (key, report)
     # a yes/no answer that is neither yes nor no is wrong: right answers <= those said + not said
     assert report["yes_no_right"] <= 0.5 + min(report["said_yes"], 0.5)
-    # here 29 of 30 colours right (the model before the item look-up: 83% on `--lookups 40`)
+    # here 30 of 30 colours right (the model before the item look-up: 83% on `--lookups 40`)
     assert report["colour_right"] >= 0.75 and report["one_colour_for_all_three"] <= 0.2, report
-    # and it compares the colour asked with the one it finds: here 20 of 20 right, "Yes." to 10
-    # (the model before it: 17 right, "Yes." to 13; an earlier one said "Yes." to 18, 12 right)
+    # and it compares the colour asked with the one it finds: here 18 of 20 right, "Yes." to 12
+    # (an earlier model: 17 right, "Yes." to 13; an earlier one said "Yes." to 18, 12 right)
     assert report["yes_no_right"] >= 0.8 and report["said_yes"] <= 0.7, report
 
 
 def test_the_reading_diagnostic_measures_the_shipped_model_on_both_sets() -> None:
-    """`training.evaluate --reading N`: on the training routine the shipped model reads 83% of
-    300 texts whole (`--reading 300`: 91% of the words, 62% of the numbers; the model before the
-    slot read-outs 77%, 87% and 50% of the same); on the different set's bitmap face 65% (the
-    models before run 32, which did not train on that face beside their own: 2%). Here 8 of 12
-    and 5."""
+    """`training.evaluate --reading N`: on the training routine the shipped model reads 87% of
+    300 texts whole (`--reading 300`: 95% of the words, 68% of the numbers; the model before the
+    slot read-outs 77%, 87% and 50% of the same); on the different set's bitmap face 69% (the
+    models before run 32, which did not train on that face beside their own: 2%). Here 7 of 12
+    and 8: twelve texts a set are too few to order the sets."""
     from training.evaluate import reading
 
     report = asyncio.run(reading(PACKAGED, 12, seed=0))
@@ -217,15 +217,14 @@ def test_the_reading_diagnostic_measures_the_shipped_model_on_both_sets() -> Non
         assert sum(b["n"] for b in summary["by_glyph_width"].values()) == 12
         assert summary["wrong_length"] <= summary["misread"] <= 12
     assert report["held-out"]["all"]["read"] >= 50, report
-    assert report["held-out"]["all"]["read"] > report["different"]["all"]["read"], report
-    # it reads the bitmap face at all (12 of 12 misread would be 0.0003% likely at its 65%)
-    assert report["different"]["all"]["read"] > 0, report
+    # it reads the bitmap face (fewer than 3 of 12 would be 0.03% likely at its 69%)
+    assert report["different"]["all"]["read"] >= 25, report
 
 
 def test_the_seed_scene_and_two_image_diagnostics_measure_the_shipped_model() -> None:
     """`training.evaluate --seed-scene`: the issue's picture in 12 drawings; the shipped model
     answers 'A blue star. The text says "GO".' to all 12.
-    `--pairs N`: two-image descriptions, 209 of 300 right whole (`--pairs 300`). Here 4 of 4:
+    `--pairs N`: two-image descriptions, 237 of 300 right whole (`--pairs 300`). Here 4 of 4:
     the counts must add up, and most of the seed scene must be right."""
     from training.evaluate import pairs, seed_scene
 
@@ -239,9 +238,9 @@ def test_the_seed_scene_and_two_image_diagnostics_measure_the_shipped_model() ->
 
 def test_the_description_diagnostic_measures_the_shipped_models_shapes() -> None:
     """`training.evaluate --scenes N`: the shapes of descriptions, their text aside; the shipped
-    model names them right in 94.5% of 200 on the training routine and 91.0% on the different
-    set, and its mistakes are shapes confused or a shape too few or many, never a colour. Here 10
-    of 12 and 11 of 12."""
+    model names them right in 95.5% of 200 on the training routine and 95.0% on the different
+    set, and its mistakes are shapes confused or a shape too few or many, once in 18 a colour.
+    Here 11 of 12 on each."""
     from training.evaluate import scenes
 
     report = asyncio.run(scenes(PACKAGED, 12, seed=0))
