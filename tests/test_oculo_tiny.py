@@ -197,7 +197,7 @@ def test_the_shipped_model_looks_the_named_shape_up() -> None:
     # here 30 of 30 colours right (the model before the item look-up: 83% on `--lookups 40`)
     assert report["colour_right"] >= 0.75 and report["one_colour_for_all_three"] <= 0.2, report
     # and it compares the colour asked with the one it finds: here 18 of 20 right, "Yes." to 12
-    # (an earlier model: 17 right, "Yes." to 13; an earlier one said "Yes." to 18, 12 right)
+    # (earlier models: 17 right and "Yes." to 13; 12 right and "Yes." to 18)
     assert report["yes_no_right"] >= 0.8 and report["said_yes"] <= 0.7, report
 
 
