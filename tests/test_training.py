@@ -1099,3 +1099,66 @@ def test_a_probe_says_how_long_the_run_would_take_and_what_fits_the_hour() -> No
     assert run_estimate(2800, 0.92, budget=45) == (
         "2800 steps would take about 51 minutes here, over 45: about 2484 steps fit"
     )
+
+
+def test_the_question_mix_can_be_set_and_the_batches_and_the_card_follow_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import argparse
+
+    import training.train as train_module
+    from training.data import TRAIN_MIX
+    from training.train import SIZE, model_card, parse_mix
+
+    assert parse_mix("describe=0.3,pair=0.2") == {**TRAIN_MIX, "describe": 0.3, "pair": 0.2}
+    for bad in ("colour=0.2", "describe=x", "pair=1.0", "describe=-0.1"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            parse_mix(bad)
+    with pytest.raises(argparse.ArgumentTypeError, match="single-image"):
+        parse_mix("describe=0,count=0,color=0,exists=0,text=0")
+
+    batches: list[list[Example]] = []
+
+    def keep(
+        examples: list[Example], processor: object, columns: int, size: object, slots: bool
+    ) -> dict[str, object]:
+        batches.append(examples)
+        return {}
+
+    monkeypatch.setattr(train_module, "collate", keep)
+
+    def drawn(mix: dict[world.QuestionType, float] | None) -> list[list[str]]:
+        batches.clear()
+        extra = {} if mix is None else {"mix": mix}
+        list(train_module.Batches(None, seed=0, batch_size=8, start=0, stop=60, columns=1, **extra))
+        return [[e.kind for e in examples] for examples in batches]
+
+    # the command line's mix is the one the run's batches are drawn with
+    from training.train import command_line, run_batches
+
+    args = command_line().parse_args(["--out", "x", "--mix", "text=0.4,pair=0.3"])
+    assert run_batches(args, None, SIZE, 0, 10).mix == {**TRAIN_MIX, "text": 0.4, "pair": 0.3}
+    assert (
+        run_batches(command_line().parse_args(["--out", "x"]), None, SIZE, 0, 10).mix == TRAIN_MIX
+    )
+    # unset, the mix is the one the shipped runs were trained on: the same batches as before
+    default = drawn(None)
+    assert drawn(dict(TRAIN_MIX)) == default
+    assert {k for b in default for k in b} == set(TRAIN_MIX)
+    assert {
+        k for b in drawn(parse_mix("describe=0,count=0,color=0,exists=0,pair=0")) for k in b
+    } == {"text"}
+    pairs = sum(b[0] == "pair" for b in drawn(parse_mix("pair=0.9")))
+    assert pairs > 40 and pairs > 3 * sum(b[0] == "pair" for b in default)
+
+    args = argparse.Namespace(
+        steps=10, batch_size=4, lr=1e-3, seed=0, char_columns=4, token_chars=True,
+        glyph_weight=1.0, tower_steps=0, draw_max=256, attend_weight=0.1, colour_weight=0.3,
+        read_weight=0.1, made_faces=0.0, real_faces=0.0, char_slots=False, pin_math=True,
+        init_from=None, bf16=False, warmup=200, patch_weight=1.0, threads=2,
+        mix=parse_mix("describe=0.3,pair=0.15"),
+    )  # fmt: skip
+    card = model_card(1, args, 1.0, 0.5, SIZE)
+    assert "--mix describe=0.3,count=0.1,color=0.17,exists=0.17,text=0.18,pair=0.15" in card
+    args.mix = dict(TRAIN_MIX)
+    assert "--mix" not in model_card(1, args, 1.0, 0.5, SIZE)

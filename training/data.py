@@ -12,6 +12,7 @@ language model several answers. Evaluation asks one question per chat, as client
 from __future__ import annotations
 
 import random
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -155,6 +156,7 @@ def make_chat(
     text_rate: float | None = None,
     number_rate: float = world.NUMBER_RATE,
     bitmap_numbers: float | None = None,
+    mix: Mapping[world.QuestionType, float] = TRAIN_MIX,
 ) -> Example:
     """A training chat: `kind` first, and (for one image) possibly further questions about the
     same image. A description, which names everything, is only ever the last turn, so no earlier
@@ -167,7 +169,8 @@ def make_chat(
     often a scene has printed text (None: the question's own rate, as evaluation draws them) and
     `number_rate`, how often that text is a number: see `world.sample_scene`;
     `bitmap_numbers`, how often the bitmap face's texts are (None: `number_rate`, and the face
-    chosen as the text is drawn): see `sample_scene`."""
+    chosen as the text is drawn): see `sample_scene`; `mix`, the weights the further questions
+    are drawn with (`TRAIN_MIX`, or `train.py --mix`)."""
     if turns is None:
         turns = 1 if rng.random() >= MULTI_RATE else rng.randint(2, MULTI_TURNS)
     if system is None:
@@ -185,8 +188,8 @@ def make_chat(
             number_rate=number_rate,
             bitmap_numbers=bitmap_numbers,
         )
-    singles = [k for k in TRAIN_MIX if k != "pair"]
-    kinds = [kind, *rng.choices(singles, weights=[TRAIN_MIX[k] for k in singles], k=turns - 1)]
+    singles = [k for k in mix if k != "pair"]
+    kinds = [kind, *rng.choices(singles, weights=[mix[k] for k in singles], k=turns - 1)]
     kinds = [k for k in kinds if k != "describe"] + (["describe"] if "describe" in kinds else [])
     prompt = rng.choice(world.SYSTEM_PROMPTS) if system else None
     rate = (0.6 if "text" in kinds else 0.4) if text_rate is None else text_rate

@@ -18,7 +18,7 @@ import platform
 import random
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -272,8 +272,10 @@ class Batches(IterableDataset[dict[str, torch.Tensor]]):
         text_rate: float | None = None,
         number_rate: float = world.NUMBER_RATE,
         bitmap_numbers: float | None = None,
+        mix: Mapping[world.QuestionType, float] = TRAIN_MIX,
     ) -> None:
         self.processor = processor
+        self.mix = mix
         self.text_rate = text_rate
         self.number_rate = number_rate
         self.bitmap_numbers = bitmap_numbers
@@ -290,13 +292,13 @@ class Batches(IterableDataset[dict[str, torch.Tensor]]):
         self.stop = stop
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        singles: list[world.QuestionType] = [k for k in TRAIN_MIX if k != "pair"]
-        weights = [TRAIN_MIX[k] for k in singles]
+        singles: list[world.QuestionType] = [k for k in self.mix if k != "pair"]
+        weights = [self.mix[k] for k in singles]
         for step in range(self.start, self.stop):
             rng = random.Random(f"{self.seed}:{step}")
             # Two-image examples are twice as long: batching them apart saves the padding.
             kinds: list[world.QuestionType]
-            if rng.random() < TRAIN_MIX["pair"]:
+            if rng.random() < self.mix["pair"]:
                 kinds = ["pair"] * self.batch_size
             else:
                 kinds = rng.choices(singles, weights=weights, k=self.batch_size)
@@ -317,10 +319,35 @@ class Batches(IterableDataset[dict[str, torch.Tensor]]):
                     text_rate=self.text_rate,
                     number_rate=self.number_rate,
                     bitmap_numbers=self.bitmap_numbers,
+                    mix=self.mix,
                 )
                 for kind in kinds
             ]
             yield collate(examples, self.processor, self.columns, self.size, self.slots)
+
+
+def run_batches(
+    args: argparse.Namespace, processor: Any, size: Size, seed: int | str, stop: int
+) -> Batches:
+    """Batches 0 to `stop` from `seed`, drawn as the command line `args` asks."""
+    return Batches(
+        processor,
+        seed,
+        args.batch_size,
+        0,
+        stop,
+        args.char_columns,
+        args.draw_max or None,
+        args.made_faces,
+        size,
+        args.bitmap_face,
+        args.real_faces,
+        args.char_slots,
+        args.text_rate,
+        args.number_rate,
+        args.bitmap_numbers,
+        args.mix,
+    )
 
 
 def background(_worker: int) -> None:
@@ -353,6 +380,31 @@ def run_estimate(steps: int, rate: float, budget: float = 60.0) -> str:
     if minutes <= budget:
         return said
     return f"{said}, over {budget:.0f}: about {round(rate * 60 * budget)} steps fit"
+
+
+def parse_mix(text: str) -> dict[world.QuestionType, float]:
+    """`--mix`: "describe=0.3,text=0.22" as `TRAIN_MIX` with those kinds' weights replaced."""
+    mix = dict(TRAIN_MIX)
+    for part in text.split(","):
+        kind, _, weight = part.partition("=")
+        kind = kind.strip()
+        if kind not in mix:
+            raise argparse.ArgumentTypeError(f"{kind!r} is not one of {', '.join(mix)}")
+        try:
+            value = float(weight)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{part!r}: the weight is not a number") from None
+        if not 0.0 <= value < 1.0:
+            raise argparse.ArgumentTypeError(f"{part!r}: a weight is at least 0 and below 1")
+        mix[kind] = value  # type: ignore[index]
+    if not any(v for k, v in mix.items() if k != "pair"):
+        raise argparse.ArgumentTypeError("some single-image question needs a weight")
+    return mix
+
+
+def mix_text(mix: Mapping[world.QuestionType, float]) -> str:
+    """A question mix as `--mix` takes it."""
+    return ",".join(f"{k}={v}" for k, v in mix.items())
 
 
 def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
@@ -420,6 +472,11 @@ def model_card(
         + (
             f" --bitmap-number-rate {bitmap_numbers}"
             if (bitmap_numbers := getattr(args, "bitmap_numbers", None)) is not None
+            else ""
+        )
+        + (
+            f" --mix {mix_text(mix)}"
+            if (mix := getattr(args, "mix", TRAIN_MIX)) != TRAIN_MIX
             else ""
         )
         + ("" if pinned else " --no-pin-math")
@@ -587,23 +644,7 @@ def warm_tower(
     ]
     optimizer = torch.optim.AdamW(tower, lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
     loader = batch_loader(
-        Batches(
-            processor,
-            f"{args.seed}:tower",
-            args.batch_size,
-            0,
-            args.tower_steps,
-            args.char_columns,
-            args.draw_max or None,
-            args.made_faces,
-            size,
-            args.bitmap_face,
-            args.real_faces,
-            args.char_slots,
-            args.text_rate,
-            args.number_rate,
-            args.bitmap_numbers,
-        ),
+        run_batches(args, processor, size, f"{args.seed}:tower", args.tower_steps),
         args.workers,
     )
     started = time.perf_counter()
@@ -653,7 +694,8 @@ def save(model: Any, processor: Any, folder: Path) -> None:
     processor.save_pretrained(folder)
 
 
-def main() -> None:
+def command_line() -> argparse.ArgumentParser:
+    """The training command's options."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--seed", type=int, default=0)
@@ -792,6 +834,14 @@ def main() -> None:
         "prints every text in that face, and its numbers are what it reads worst",
     )
     parser.add_argument(
+        "--mix",
+        type=parse_mix,
+        default=dict(TRAIN_MIX),
+        help="the question mix, as kind=weight pairs (describe=0.3,count=0.07,...): the kinds "
+        f"named take these weights, the others keep theirs ({mix_text(TRAIN_MIX)}); pair is the "
+        "share of batches of two-image chats, the rest weigh a single image's questions",
+    )
+    parser.add_argument(
         "--scale-factor",
         type=int,
         default=SIZE.scale_factor,
@@ -847,7 +897,11 @@ def main() -> None:
         "EPYCs with and without AVX-512 agree byte for byte; an Intel Xeon parts from them "
         "after 200 steps; --no-pin-math: the CPU's own kernels, not reproducible across machines)",
     )
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = command_line().parse_args()
     if args.pin_math:
         pin_math(sys.argv[1:])
     print(f"kernels: {torch.backends.cpu.get_cpu_capability()}", flush=True)
@@ -869,23 +923,13 @@ def main() -> None:
     print(f"oculo-tiny: {params / 1e6:.2f}M parameters, {size}", flush=True)
     steps = 20 if args.probe else args.steps
     loader = batch_loader(
-        Batches(
+        run_batches(
+            args,
             processor,
+            size,
             # a run that goes on from a checkpoint draws batches that checkpoint never saw
             f"{args.seed}:continued" if args.init_from else args.seed,
-            args.batch_size,
-            0,
             args.stop_after or steps,
-            args.char_columns,
-            args.draw_max or None,
-            args.made_faces,
-            size,
-            args.bitmap_face,
-            args.real_faces,
-            args.char_slots,
-            args.text_rate,
-            args.number_rate,
-            args.bitmap_numbers,
         ),
         args.workers,
     )
