@@ -11,7 +11,14 @@ from PIL import Image, ImageDraw
 
 from oculo.testing.checkpoints import Size, build_tokenizer, idefics3_parts
 from training import patches, world
-from training.data import MULTI_TURNS, Example, make_chat, make_example, sample_scene
+from training.data import (
+    MULTI_TURNS,
+    TRAIN_MIX,
+    Example,
+    make_chat,
+    make_example,
+    sample_scene,
+)
 from training.train import EOS, ISOLATE, collate, run_estimate, split_aids, tokenizer_corpus
 
 
@@ -445,6 +452,7 @@ def test_the_tower_warm_up_trains_the_tower_and_not_the_language_model() -> None
         text_rate=None,
         number_rate=world.NUMBER_RATE,
         bitmap_numbers=None,
+        mix=dict(TRAIN_MIX),
     )
     model.train()
     warm_tower(model, processor, heads, token_heads, args)
@@ -1107,7 +1115,6 @@ def test_the_question_mix_can_be_set_and_the_batches_and_the_card_follow_it(
     import argparse
 
     import training.train as train_module
-    from training.data import TRAIN_MIX
     from training.train import SIZE, model_card, parse_mix
 
     assert parse_mix("describe=0.3,pair=0.2") == {**TRAIN_MIX, "describe": 0.3, "pair": 0.2}
