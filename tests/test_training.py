@@ -298,9 +298,8 @@ def test_the_bitmap_faces_texts_can_be_numbers_at_a_rate_of_their_own() -> None:
         assert len(numbers) > 10 and all(s.text is not None and s.text.isdigit() for s in numbers)
 
 
-def test_a_batch_gives_its_chats_one_layout(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The rows of a batch share their layout (one question or several, a system message or
-    none), so they pad to similar lengths; across batches every layout occurs."""
+def drawn_chats(monkeypatch: pytest.MonkeyPatch, **batches_args: object) -> list[list[Example]]:
+    """The chats of each batch `training.train.Batches(None, **batches_args)` draws, uncollated."""
     import training.train as train_module
 
     batches: list[list[Example]] = []
@@ -312,7 +311,14 @@ def test_a_batch_gives_its_chats_one_layout(monkeypatch: pytest.MonkeyPatch) -> 
         return {}
 
     monkeypatch.setattr(train_module, "collate", keep)
-    list(train_module.Batches(None, seed=0, batch_size=8, start=0, stop=40, columns=1))
+    list(train_module.Batches(None, **batches_args))  # type: ignore[arg-type]
+    return batches
+
+
+def test_a_batch_gives_its_chats_one_layout(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The rows of a batch share their layout (one question or several, a system message or
+    none), so they pad to similar lengths; across batches every layout occurs."""
+    batches = drawn_chats(monkeypatch, seed=0, batch_size=8, start=0, stop=40, columns=1)
     layouts = set()
     for examples in batches:
         systems = {e.system is not None for e in examples}
@@ -1114,7 +1120,6 @@ def test_the_question_mix_can_be_set_and_the_batches_and_the_card_follow_it(
 ) -> None:
     import argparse
 
-    import training.train as train_module
     from training.train import SIZE, model_card, parse_mix
 
     assert parse_mix("describe=0.3,pair=0.2") == {**TRAIN_MIX, "describe": 0.3, "pair": 0.2}
@@ -1124,20 +1129,11 @@ def test_the_question_mix_can_be_set_and_the_batches_and_the_card_follow_it(
     with pytest.raises(argparse.ArgumentTypeError, match="single-image"):
         parse_mix("describe=0,count=0,color=0,exists=0,text=0")
 
-    batches: list[list[Example]] = []
-
-    def keep(
-        examples: list[Example], processor: object, columns: int, size: object, slots: bool
-    ) -> dict[str, object]:
-        batches.append(examples)
-        return {}
-
-    monkeypatch.setattr(train_module, "collate", keep)
-
     def drawn(mix: dict[world.QuestionType, float] | None) -> list[list[str]]:
-        batches.clear()
         extra = {} if mix is None else {"mix": mix}
-        list(train_module.Batches(None, seed=0, batch_size=8, start=0, stop=60, columns=1, **extra))
+        batches = drawn_chats(
+            monkeypatch, seed=0, batch_size=8, start=0, stop=60, columns=1, **extra
+        )
         return [[e.kind for e in examples] for examples in batches]
 
     # the command line's mix is the one the run's batches are drawn with
