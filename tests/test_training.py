@@ -929,15 +929,24 @@ def test_a_larger_input_with_larger_patches_keeps_the_grid_and_the_image_tokens(
     assert "--image-size" not in model_card(1, args, 1.0, 0.5, SIZE)
 
 
-def test_a_deeper_tower_is_built_and_named_on_the_card() -> None:
+def test_a_deeper_or_wider_tower_is_built_and_named_on_the_card() -> None:
     import argparse
-    from dataclasses import replace
 
-    from training.train import SIZE, build, model_card
+    from training.train import SIZE, build, command_line, model_card, model_size
 
-    size = replace(SIZE, vision_layers=6)
+    def sized(*flags: str) -> Size:
+        return model_size(command_line().parse_args(["--out", "unused", *flags]))
+
+    size = sized("--vision-layers", "6", "--vision-width", "256")
+    assert (size.vision_layers, size.vision_hidden, size.vision_heads) == (6, 256, 8)
+    assert sized() == SIZE
+    with pytest.raises(SystemExit, match="multiple of 32"):
+        sized("--vision-width", "200")
     model, _ = build(0, size)
-    assert len(model.model.vision_model.encoder.layers) == 6
+    tower = model.model.vision_model
+    assert len(tower.encoder.layers) == 6
+    assert tower.config.hidden_size == 256 and tower.config.num_attention_heads == 8
+    assert model.model.connector.modality_projection.proj.in_features == 256 * 4
     assert len(build(0)[0].model.vision_model.encoder.layers) == SIZE.vision_layers
     args = argparse.Namespace(
         steps=10, batch_size=4, lr=1e-3, seed=0, char_columns=4, token_chars=True,
@@ -947,9 +956,10 @@ def test_a_deeper_tower_is_built_and_named_on_the_card() -> None:
         bf16=False, warmup=200, patch_weight=1.0, threads=2,
     )  # fmt: skip
     card = model_card(1, args, 1.0, 0.5, size)
-    assert "--vision-layers 6" in card and "--real-faces 0.3" in card
+    assert "--vision-layers 6 --vision-width 256" in card and "--real-faces 0.3" in card
     assert "matplotlib" in card
     assert "--vision-layers" not in model_card(1, args, 1.0, 0.5, SIZE)
+    assert "--vision-width" not in model_card(1, args, 1.0, 0.5, SIZE)
 
 
 def test_the_data_worker_draws_at_the_lowest_priority() -> None:

@@ -43,6 +43,7 @@ SIZE = Size(
     scale_factor=2,
     context_length=512,
 )
+VISION_HEAD = SIZE.vision_hidden // SIZE.vision_heads  # each tower head's width
 BPE_VOCAB = 700
 ISOLATE = "[A-Z0-9]"  # printed words and numbers are spelled a letter or digit at a time
 EOS = "<end_of_utterance>"
@@ -449,6 +450,11 @@ def model_card(
         + (
             f" --vision-layers {size.vision_layers}"
             if size.vision_layers != SIZE.vision_layers
+            else ""
+        )
+        + (
+            f" --vision-width {size.vision_hidden}"
+            if size.vision_hidden != SIZE.vision_hidden
             else ""
         )
         + (f" --colour-weight {args.colour_weight}" if args.colour_weight else "")
@@ -870,6 +876,12 @@ def command_line() -> argparse.ArgumentParser:
         help="the vision tower's depth (at the default size a layer costs about 7%% of a step)",
     )
     parser.add_argument(
+        "--vision-width",
+        type=int,
+        default=SIZE.vision_hidden,
+        help="the vision tower's width (its heads stay 32 wide, its MLP twice the width)",
+    )
+    parser.add_argument(
         "--init-from",
         type=Path,
         default=None,
@@ -900,6 +912,21 @@ def command_line() -> argparse.ArgumentParser:
     return parser
 
 
+def model_size(args: argparse.Namespace) -> Size:
+    """The model's sizes as the command line `args` sets them."""
+    if args.vision_width % VISION_HEAD:
+        raise SystemExit(f"--vision-width must be a multiple of {VISION_HEAD}")
+    return replace(
+        SIZE,
+        scale_factor=args.scale_factor,
+        image_size=args.image_size,
+        patch_size=args.patch_size,
+        vision_layers=args.vision_layers,
+        vision_hidden=args.vision_width,
+        vision_heads=args.vision_width // VISION_HEAD,
+    )
+
+
 def main() -> None:
     args = command_line().parse_args()
     if args.pin_math:
@@ -907,13 +934,7 @@ def main() -> None:
     print(f"kernels: {torch.backends.cpu.get_cpu_capability()}", flush=True)
 
     torch.set_num_threads(args.threads)
-    size = replace(
-        SIZE,
-        scale_factor=args.scale_factor,
-        image_size=args.image_size,
-        patch_size=args.patch_size,
-        vision_layers=args.vision_layers,
-    )
+    size = model_size(args)
     if args.draw_max is None:
         args.draw_max = 2 * size.image_size
     model, processor = build(args.seed, size)
