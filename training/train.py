@@ -879,7 +879,8 @@ def command_line() -> argparse.ArgumentParser:
         "--vision-width",
         type=int,
         default=SIZE.vision_hidden,
-        help="the vision tower's width (its heads stay 32 wide, its MLP twice the width)",
+        help=f"the vision tower's width (its heads stay {VISION_HEAD} wide, its MLP twice the "
+        "width)",
     )
     parser.add_argument(
         "--init-from",
