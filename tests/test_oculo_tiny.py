@@ -215,6 +215,10 @@ def test_the_reading_diagnostic_measures_the_shipped_model_on_both_sets() -> Non
         assert summary["all"]["n"] == 12
         assert summary["numbers"]["n"] + summary["words"]["n"] == 12
         assert sum(b["n"] for b in summary["by_glyph_width"].values()) == 12
+        assert sum(b["n"] for b in summary["by_squeeze"].values()) == 12
+        for kind in ("numbers", "words"):
+            split = summary[f"{kind}_by_glyph_width"].values()
+            assert sum(b["n"] for b in split) == summary[kind]["n"]
         assert summary["wrong_length"] <= summary["misread"] <= 12
     assert report["held-out"]["all"]["read"] >= 50, report
     # it reads the bitmap face (fewer than 3 of 12 would be 0.03% likely at its 69%)

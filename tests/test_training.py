@@ -997,11 +997,11 @@ def test_the_reading_summary_splits_misreadings_by_kind_and_glyph_width() -> Non
     from training.evaluate import reading_summary
 
     rows = [
-        {"printed": "373", "got": 'The text says "33".', "width": 8.0},  # a digit dropped
-        {"printed": "58", "got": '"59"', "width": 12.0},  # 8 read as 9
-        {"printed": "GO", "got": 'The text says "GO".', "width": 20.0},
-        {"printed": "CAT", "got": '"CAR"', "width": 30.0},  # T read as R
-        {"printed": "SUN", "got": "There is no text.", "width": 18.0},  # nothing read
+        {"printed": "373", "got": 'The text says "33".', "width": 8.0, "squeeze": 3.0},  # dropped
+        {"printed": "58", "got": '"59"', "width": 12.0, "squeeze": 1.0},  # 8 read as 9
+        {"printed": "GO", "got": 'The text says "GO".', "width": 20.0, "squeeze": 1.1},
+        {"printed": "CAT", "got": '"CAR"', "width": 30.0, "squeeze": 1.5},  # T read as R
+        {"printed": "SUN", "got": "There is no text.", "width": 18.0, "squeeze": 1.2},  # none
     ]
     report = reading_summary(rows)
     assert report["all"] == {"n": 5, "read": 20.0}
@@ -1012,6 +1012,19 @@ def test_the_reading_summary_splits_misreadings_by_kind_and_glyph_width() -> Non
         "10-16px": {"n": 1, "read": 0.0},
         "16-25px": {"n": 2, "read": 50.0},
         ">=25px": {"n": 1, "read": 0.0},
+    }
+    assert report["numbers_by_glyph_width"] == {
+        "0-10px": {"n": 1, "read": 0.0},
+        "10-16px": {"n": 1, "read": 0.0},
+        "16-25px": {"n": 0, "read": None},
+        ">=25px": {"n": 0, "read": None},
+    }
+    assert report["words_by_glyph_width"]["16-25px"] == {"n": 2, "read": 50.0}
+    assert report["words_by_glyph_width"][">=25px"] == {"n": 1, "read": 0.0}
+    assert report["by_squeeze"] == {
+        "1-1.3": {"n": 3, "read": 33.3},
+        "1.3-2": {"n": 1, "read": 0.0},
+        ">=2": {"n": 1, "read": 0.0},
     }
     assert report["misread"] == 4 and report["wrong_length"] == 2
     assert report["confused"] == {"8->9": 1, "T->R": 1}

@@ -21,9 +21,10 @@ the report counts both.
 
 `--reading N` adds a diagnostic of reading: N text questions about images with text, on each
 set, split by what was printed (numbers, words), by how wide its glyphs are at the model's input
-(the image is stretched to a square there, so a wide image's glyphs come out narrow), and by the
-kind of mistake: an answer of the wrong length (a character dropped or doubled) or of the right
-length with characters confused, and which ones.
+(the image is stretched to a square there, so a wide image's glyphs come out narrow; numbers and
+words apart too), by how much the image is stretched, and by the kind of mistake: an answer of
+the wrong length (a character dropped or doubled) or of the right length with characters
+confused, and which ones.
 
 `--seed-scene` asks the seed's question ("What is in this image?", after the seed's system
 message) about the issue's picture, a blue star and the text "GO", in 12 drawings (640x480,
@@ -429,9 +430,11 @@ def glyph_width(example: Example, side: int) -> float:
 
 def reading_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """Sum up reading attempts, each {"printed", "got" (the answer), "width" (its glyphs' mean
-    width at the model's input)}: the share read whole, overall, of numbers and words, and by
-    glyph width; of the misread, how many had the wrong length; and the characters confused
-    most often in the misread of the right length."""
+    width at the model's input), "squeeze" (how much the image is stretched one way to make it
+    square)}: the share read whole, overall, of numbers and words, by glyph width (all, and
+    numbers and words apart: is a kind short of pixels or of something else?) and by squeeze; of
+    the misread, how many had the wrong length; and the characters confused most often in the
+    misread of the right length."""
 
     rows = [{**r, "said": quoted(r["got"])} for r in rows]
 
@@ -445,11 +448,16 @@ def reading_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
         if len(r["said"]) == len(r["printed"]):
             pairs = zip(r["printed"], r["said"], strict=True)
             confused.update(f"{a}->{b}" for a, b in pairs if a != b)
+    numbers = [r for r in rows if r["printed"].isdigit()]
+    words = [r for r in rows if not r["printed"].isdigit()]
     return {
         "all": share(rows),
-        "numbers": share([r for r in rows if r["printed"].isdigit()]),
-        "words": share([r for r in rows if not r["printed"].isdigit()]),
+        "numbers": share(numbers),
+        "words": share(words),
         "by_glyph_width": bucketed(rows, "width", WIDTHS, share, unit="px"),
+        "numbers_by_glyph_width": bucketed(numbers, "width", WIDTHS, share, unit="px"),
+        "words_by_glyph_width": bucketed(words, "width", WIDTHS, share, unit="px"),
+        "by_squeeze": bucketed(rows, "squeeze", SQUEEZES, share),
         "misread": len(misread),
         "wrong_length": sum(len(r["said"]) != len(r["printed"]) for r in misread),
         "confused": dict(confused.most_common(10)),
@@ -485,7 +493,13 @@ async def rows_on_each_set(
 
 def reading_row(example: Example, got: str, side: int) -> dict[str, Any]:
     """One answer to a text question about an image with text, as `reading_summary` takes it."""
-    return {"printed": example.scenes[0].text, "got": got, "width": glyph_width(example, side)}
+    scene = example.scenes[0]
+    return {
+        "printed": scene.text,
+        "got": got,
+        "width": glyph_width(example, side),
+        "squeeze": max(scene.width / scene.height, scene.height / scene.width),
+    }
 
 
 async def reading(model: Path, n: int, seed: int) -> dict[str, Any]:
