@@ -225,6 +225,20 @@ def test_the_reading_diagnostic_measures_the_shipped_model_on_both_sets() -> Non
     assert report["different"]["all"]["read"] >= 25, report
 
 
+def test_the_placement_diagnostic_moves_the_word_and_keeps_the_scene() -> None:
+    """`training.evaluate --placement N`: the same texts printed at five heights. The shipped
+    model reads them only where every training picture prints them (`--placement 100`: 94 of
+    the held-out set's words centred in the top band, 1 of them a few pixels up or down)."""
+    from training.evaluate import PLACEMENTS, placement
+
+    report = asyncio.run(placement(PACKAGED, 4, seed=0))
+    assert set(report) == {"held-out", "different"}
+    for summary in report.values():
+        assert set(summary) == set(PLACEMENTS)
+        assert all(row["n"] == 4 for row in summary.values())
+    assert report["held-out"]["centred"]["read"] >= 50, report
+
+
 def test_the_seed_scene_and_two_image_diagnostics_measure_the_shipped_model() -> None:
     """`training.evaluate --seed-scene`: the issue's picture in 12 drawings; the shipped model
     answers 'A blue star. The text says "GO".' to all 12.

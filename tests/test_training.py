@@ -298,6 +298,70 @@ def test_the_bitmap_faces_texts_can_be_numbers_at_a_rate_of_their_own() -> None:
         assert len(numbers) > 10 and all(s.text is not None and s.text.isdigit() for s in numbers)
 
 
+def test_training_can_print_text_at_any_height_and_draws_nothing_more_unless_asked(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # unset, the scenes are the ones every run drew so far (no random number more)
+    plain = [world.sample_scene(random.Random(i), text_rate=1.0) for i in range(40)]
+    assert plain == [
+        world.sample_scene(random.Random(i), text_rate=1.0, text_anywhere=0.0) for i in range(40)
+    ]
+    assert all((s.band_top, s.text_y) == (0.0, 0.5) for s in plain)
+    # set, that share of the texts goes anywhere from the top to the bottom; no text, no place
+    moved = [
+        world.sample_scene(random.Random(i), text_rate=1.0, text_anywhere=0.5) for i in range(400)
+    ]
+    printed = [s for s in moved if s.text]
+    anywhere = [s for s in printed if (s.band_top, s.text_y) != (0.0, 0.5)]
+    assert 0.4 < len(anywhere) / len(printed) < 0.6
+    assert all(0.0 <= s.band_top <= 1.0 - world.TEXT_BAND and 0.0 <= s.text_y <= 1.0 for s in moved)
+    assert max(s.band_top for s in anywhere) > 0.6 and min(s.band_top for s in anywhere) < 0.1
+    assert all((s.band_top, s.text_y) == (0.0, 0.5) for s in moved if not s.text)
+    # drawn where it says: the word inside its band, the shapes clear of it
+    for top, text_y in ((0.0, 0.5), (0.0, 0.0), (0.0, 1.0), (0.35, 0.5), (0.7, 0.2)):
+        scene = world.Scene(
+            (world.Item("star", "blue"), world.Item("circle", "red")),
+            "GO",
+            600,
+            400,
+            "plain",
+            top,
+            text_y,
+        )
+        for style in ("train", "alt"):
+            image, labels = world.render_labelled(scene, random.Random(3), style)  # type: ignore[arg-type]
+            band = (400 * top, 400 * (top + world.TEXT_BAND))
+            boxes = [box for _, box in labels.chars]
+            assert all(band[0] - 1 <= y0 and y1 <= band[1] + 1 for _, y0, _, y1 in boxes)
+            free = (band[1] - boxes[0][3]) - (boxes[0][1] - band[0])  # room below minus above
+            assert free > 0 if text_y == 0.0 else free < 0 if text_y == 1.0 else True
+            shapes = labels.items.getbbox()
+            assert shapes is not None
+            assert shapes[3] <= band[0] + 1 or shapes[1] >= band[1] - 1
+    # the training's batches pass it on
+    batches = drawn_chats(
+        monkeypatch,
+        seed=0,
+        batch_size=8,
+        start=0,
+        stop=6,
+        columns=4,
+        text_rate=1.0,
+        text_anywhere=1.0,
+    )
+    scenes = [s for chats in batches for chat in chats for s in chat.scenes if s.text]
+    assert scenes and all((s.band_top, s.text_y) != (0.0, 0.5) for s in scenes)
+    # from the command line, and named on the card
+    from training.train import SIZE, command_line, model_card, run_batches
+
+    args = command_line().parse_args(["--out", "x", "--text-anywhere", "0.4"])
+    assert run_batches(args, None, SIZE, 0, 10).text_anywhere == 0.4
+    args.steps = 10
+    assert " --text-anywhere 0.4" in model_card(1, args, 1.0, 0.5, SIZE)
+    args.text_anywhere = 0.0
+    assert "--text-anywhere" not in model_card(1, args, 1.0, 0.5, SIZE)
+
+
 def drawn_chats(monkeypatch: pytest.MonkeyPatch, **batches_args: object) -> list[list[Example]]:
     """The chats of each batch `training.train.Batches(None, **batches_args)` draws, uncollated."""
     import training.train as train_module

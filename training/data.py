@@ -75,18 +75,26 @@ def sample_scene(
     number_rate: float,
     bitmap_face: float,
     bitmap_numbers: float | None,
+    text_anywhere: float = 0.0,
 ) -> tuple[world.Scene, bool | None]:
     """A training scene, and whether its text is to be printed in the bitmap face.
 
     With `bitmap_numbers` None the face is chosen when the text is drawn (`world._draw_text`)
     and this draws nothing more than `world.sample_scene` does (None). Otherwise the face is
     chosen first, a `bitmap_face` share of the time, and the bitmap face's texts are numbers
-    `bitmap_numbers` of the time (the other faces' `number_rate`)."""
+    `bitmap_numbers` of the time (the other faces' `number_rate`). `text_anywhere`: see
+    `world.sample_scene`."""
     if bitmap_numbers is None or not bitmap_face:
-        return world.sample_scene(rng, text_rate=text_rate, number_rate=number_rate), None
+        scene = world.sample_scene(
+            rng, text_rate=text_rate, number_rate=number_rate, text_anywhere=text_anywhere
+        )
+        return scene, None
     bitmap = rng.random() < bitmap_face
     rate = bitmap_numbers if bitmap else number_rate
-    return world.sample_scene(rng, text_rate=text_rate, number_rate=rate), bitmap
+    scene = world.sample_scene(
+        rng, text_rate=text_rate, number_rate=rate, text_anywhere=text_anywhere
+    )
+    return scene, bitmap
 
 
 def make_example(
@@ -102,6 +110,7 @@ def make_example(
     text_rate: float | None = None,
     number_rate: float = world.NUMBER_RATE,
     bitmap_numbers: float | None = None,
+    text_anywhere: float = 0.0,
 ) -> Example:
     if kind is None:
         kinds = list(TRAIN_MIX)
@@ -111,12 +120,13 @@ def make_example(
     if kind == "pair":
         rate = 0.5 if text_rate is None else text_rate
         sampled = [
-            sample_scene(rng, rate, number_rate, bitmap_face, bitmap_numbers) for _ in range(2)
+            sample_scene(rng, rate, number_rate, bitmap_face, bitmap_numbers, text_anywhere)
+            for _ in range(2)
         ]
         question, answer = world.ask_pair(sampled[0][0], sampled[1][0], rng)
     else:
         rate = (0.75 if kind == "text" else 0.4) if text_rate is None else text_rate
-        sampled = [sample_scene(rng, rate, number_rate, bitmap_face, bitmap_numbers)]
+        sampled = [sample_scene(rng, rate, number_rate, bitmap_face, bitmap_numbers, text_anywhere)]
         question, answer = world.ask(sampled[0][0], rng, kind)
     scenes = [scene for scene, _ in sampled]
     drawn = [
@@ -157,6 +167,7 @@ def make_chat(
     number_rate: float = world.NUMBER_RATE,
     bitmap_numbers: float | None = None,
     mix: Mapping[world.QuestionType, float] = TRAIN_MIX,
+    text_anywhere: float = 0.0,
 ) -> Example:
     """A training chat: `kind` first, and (for one image) possibly further questions about the
     same image. A description, which names everything, is only ever the last turn, so no earlier
@@ -170,7 +181,8 @@ def make_chat(
     `number_rate`, how often that text is a number: see `world.sample_scene`;
     `bitmap_numbers`, how often the bitmap face's texts are (None: `number_rate`, and the face
     chosen as the text is drawn): see `sample_scene`; `mix`, the weights the further questions
-    are drawn with (`TRAIN_MIX`, or `train.py --mix`)."""
+    are drawn with (`TRAIN_MIX`, or `train.py --mix`); `text_anywhere`, the share of texts
+    printed at a random height: see `world.sample_scene`."""
     if turns is None:
         turns = 1 if rng.random() >= MULTI_RATE else rng.randint(2, MULTI_TURNS)
     if system is None:
@@ -187,13 +199,14 @@ def make_chat(
             text_rate=text_rate,
             number_rate=number_rate,
             bitmap_numbers=bitmap_numbers,
+            text_anywhere=text_anywhere,
         )
     singles = [k for k in mix if k != "pair"]
     kinds = [kind, *rng.choices(singles, weights=[mix[k] for k in singles], k=turns - 1)]
     kinds = [k for k in kinds if k != "describe"] + (["describe"] if "describe" in kinds else [])
     prompt = rng.choice(world.SYSTEM_PROMPTS) if system else None
     rate = (0.6 if "text" in kinds else 0.4) if text_rate is None else text_rate
-    scene, bitmap = sample_scene(rng, rate, number_rate, bitmap_face, bitmap_numbers)
+    scene, bitmap = sample_scene(rng, rate, number_rate, bitmap_face, bitmap_numbers, text_anywhere)
     asked: list[tuple[str, str]] = []
     for k in kinds:
         question, answer = world.ask(scene, rng, k)

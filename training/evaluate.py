@@ -26,6 +26,12 @@ words apart too), by how much the image is stretched, and by the kind of mistake
 the wrong length (a character dropped or doubled) or of the right length with characters
 confused, and which ones.
 
+`--placement N` asks N text questions a set about images with text, each image drawn five times
+with the word at another height (`PLACEMENTS`): where both routines print it (centred in a band
+at the top of the picture), at the top or the bottom of that band (a few pixels up or down), and
+in a band across the middle or at the bottom of the picture; the same scenes and words each time.
+Scored as the reading rows are: the share read whole.
+
 `--seed-scene` asks the seed's question ("What is in this image?", after the seed's system
 message) about the issue's picture, a blue star and the text "GO", in 12 drawings (640x480,
 320x240, 1120x840 and 200x200, three seeds each), and counts the answers that name a blue star and
@@ -52,6 +58,7 @@ import time
 from collections import Counter, defaultdict
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from itertools import pairwise
 from pathlib import Path
 from typing import Any
@@ -541,6 +548,50 @@ def unseen_line(report: dict[str, Any]) -> str:
     )
 
 
+# where the word is printed: (where its band starts, as a share of the picture's height; where the
+# word sits in the band's free height, 0 its top, 1 its bottom); both routines print at "centred"
+PLACEMENTS: dict[str, tuple[float, float]] = {
+    "centred": (0.0, 0.5),
+    "band top": (0.0, 0.0),
+    "band bottom": (0.0, 1.0),
+    "middle": ((1.0 - world.TEXT_BAND) / 2, 0.5),
+    "bottom": (1.0 - world.TEXT_BAND, 0.5),
+}
+
+
+def placed(scene: world.Scene, rng: random.Random, style: world.Style, where: str) -> Example:
+    """A text question about `scene` with its word printed at `where` (`PLACEMENTS`)."""
+    band_top, text_y = PLACEMENTS[where]
+    scene = replace(scene, band_top=band_top, text_y=text_y)
+    question, answer = world.ask(scene, rng, "text")
+    image, labels = world.render_labelled(scene, rng, style)
+    return Example("text", None, question, answer, [image], True, [scene], [labels])
+
+
+async def placement(model: Path, n: int, seed: int) -> dict[str, Any]:
+    """The placement diagnostic (see the module's docstring): on each set, the share of `n`
+    texts read whole with the word printed at each of `PLACEMENTS`."""
+    report: dict[str, Any] = {}
+    async with served(model) as engine:
+        for name, style in SETS.items():
+            scenes: list[world.Scene] = []
+            draw = random.Random(f"placement:{name}:{seed}")
+            while len(scenes) < n:
+                scene = world.sample_scene(draw, text_rate=1.0)
+                if scene.text:
+                    scenes.append(scene)
+            report[name] = {}
+            for where in PLACEMENTS:
+                rng = random.Random(f"placement:{name}:{seed}:drawing")  # the same each time
+                right = 0
+                for scene in scenes:
+                    example = placed(scene, rng, style, where)
+                    got = await answer(engine, example, through_server_media(example, rng, style))
+                    right += quoted(got) == scene.text
+                report[name][where] = {"n": n, "read": round(100 * right / n, 1)}
+    return report
+
+
 def write_card(model: Path, report: dict[str, Any], command: str) -> None:
     card = model / "README.md"
     text = card.read_text() if card.exists() else ""
@@ -567,6 +618,12 @@ def main() -> None:
         type=int,
         default=0,
         help="only the reading diagnostic, on this many images with text a set (see above)",
+    )
+    parser.add_argument(
+        "--placement",
+        type=int,
+        default=0,
+        help="only the placement diagnostic, on this many images with text a set (see above)",
     )
     parser.add_argument(
         "--lookups",
@@ -601,6 +658,9 @@ def main() -> None:
         return
     if args.reading:
         print(json.dumps(asyncio.run(reading(args.model, args.reading, args.seed)), indent=1))
+        return
+    if args.placement:
+        print(json.dumps(asyncio.run(placement(args.model, args.placement, args.seed)), indent=1))
         return
     if args.seed_scene:
         print(json.dumps(asyncio.run(seed_scene(args.model)), indent=1))

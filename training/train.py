@@ -274,8 +274,10 @@ class Batches(IterableDataset[dict[str, torch.Tensor]]):
         number_rate: float = world.NUMBER_RATE,
         bitmap_numbers: float | None = None,
         mix: Mapping[world.QuestionType, float] = TRAIN_MIX,
+        text_anywhere: float = 0.0,
     ) -> None:
         self.processor = processor
+        self.text_anywhere = text_anywhere
         self.mix = mix
         self.text_rate = text_rate
         self.number_rate = number_rate
@@ -321,6 +323,7 @@ class Batches(IterableDataset[dict[str, torch.Tensor]]):
                     number_rate=self.number_rate,
                     bitmap_numbers=self.bitmap_numbers,
                     mix=self.mix,
+                    text_anywhere=self.text_anywhere,
                 )
                 for kind in kinds
             ]
@@ -348,6 +351,7 @@ def run_batches(
         args.number_rate,
         args.bitmap_numbers,
         args.mix,
+        args.text_anywhere,
     )
 
 
@@ -483,6 +487,11 @@ def model_card(
         + (
             f" --mix {mix_text(mix)}"
             if (mix := getattr(args, "mix", TRAIN_MIX)) != TRAIN_MIX
+            else ""
+        )
+        + (
+            f" --text-anywhere {anywhere}"
+            if (anywhere := getattr(args, "text_anywhere", 0))
             else ""
         )
         + ("" if pinned else " --no-pin-math")
@@ -838,6 +847,16 @@ def command_line() -> argparse.ArgumentParser:
         help="share of the texts printed in the bitmap face (--bitmap-face) that are numbers "
         "(default: --number-rate's, the face chosen as the text is drawn); the different set "
         "prints every text in that face, and its numbers are what it reads worst",
+    )
+    parser.add_argument(
+        "--text-anywhere",
+        type=float,
+        default=0.0,
+        help="share of the printed texts drawn at a random height (their band anywhere from the "
+        "top to the bottom, the word anywhere in it, the shapes in the larger space left) "
+        "instead of centred in a band at the top, where every other text is: a model that only "
+        "ever sees text there reads none a few pixels higher or lower (`training.evaluate "
+        "--placement`); 0 draws nothing more, so the batches stay the shipped run's",
     )
     parser.add_argument(
         "--mix",

@@ -76,6 +76,11 @@ class Scene:
     width: int
     height: int
     background: str  # "plain", "gradient" or "noise"
+    # where the text is printed: its band (TEXT_BAND of the height) starts `band_top` of the way
+    # down (0: the top; at most 1 - TEXT_BAND), and the word sits `text_y` of the way down the
+    # band's free height (0: its top, 0.5: centred, 1: its bottom)
+    band_top: float = 0.0
+    text_y: float = 0.5
 
 
 CharBox = tuple[str, tuple[float, float, float, float]]
@@ -107,6 +112,7 @@ LONGEST_TEXT = 6  # characters in a printed word (numbers have at most 4)
 
 
 NUMBER_RATE = 0.3  # the share of printed texts that are numbers (the rest are words)
+TEXT_BAND = 0.3  # the share of a picture's height that its text's band takes, shapes the rest
 
 
 def sample_text(rng: random.Random, number_rate: float = NUMBER_RATE) -> str:
@@ -118,14 +124,24 @@ def sample_text(rng: random.Random, number_rate: float = NUMBER_RATE) -> str:
 
 
 def sample_scene(
-    rng: random.Random, *, text_rate: float = 0.5, number_rate: float = NUMBER_RATE
+    rng: random.Random,
+    *,
+    text_rate: float = 0.5,
+    number_rate: float = NUMBER_RATE,
+    text_anywhere: float = 0.0,
 ) -> Scene:
+    """A random scene. `text_anywhere`: the share of texts printed at a random height (their
+    band anywhere from the top to the bottom, the word anywhere in it) instead of centred in a
+    band at the top; 0 draws no random number for it."""
     width, height = sample_size(rng)
     count = rng.choice((1, 2, 3))
     items = tuple(Item(rng.choice(SHAPES), rng.choice(tuple(COLORS))) for _ in range(count))
     printed = rng.random() < text_rate and min(width, height) >= 64
     text = sample_text(rng, number_rate) if printed else None
     background = rng.choice(("plain", "plain", "gradient", "noise"))
+    if text and text_anywhere and rng.random() < text_anywhere:
+        band_top, text_y = rng.uniform(0.0, 1.0 - TEXT_BAND), rng.random()
+        return Scene(items, text, width, height, background, band_top, text_y)
     return Scene(items, text, width, height, background)
 
 
@@ -219,14 +235,18 @@ def _fill(
 def _layout(
     scene: Scene, rng: random.Random, size: tuple[int, int], text_band: float
 ) -> list[tuple[float, float, float, float]]:
-    """Boxes for the shapes, left to right, in distinct columns so the order is unambiguous."""
+    """Boxes for the shapes, left to right, in distinct columns so the order is unambiguous,
+    in the larger of the spaces above and below the text's band (below, when they are equal)."""
     width, height = size
     n = len(scene.items)
-    top = height * (text_band if scene.text else 0.0)
+    top, bottom = 0.0, float(height)
+    if scene.text:
+        above, below = height * scene.band_top, height * (scene.band_top + text_band)
+        top, bottom = (0.0, above) if above > height - below else (below, float(height))
     column = width / n
     boxes = []
     for k in range(n):
-        free_h = height - top
+        free_h = bottom - top
         side = min(column, free_h) * rng.uniform(0.5, 0.85)
         x = column * k + rng.uniform(0, column - side)
         y = top + rng.uniform(0, free_h - side)
@@ -260,7 +280,7 @@ def _draw_text(
     real_faces: float = 0.0,
     bitmap: bool | None = None,
 ) -> list[CharBox]:
-    """Print the scene's word in the top band; return each character's box. `bitmap`: the
+    """Print the scene's word in its band; return each character's box. `bitmap`: the
     face already chosen (True: the bitmap face; False: not it); None draws the choice here."""
     assert scene.text is not None
     width, height = image.size
@@ -318,7 +338,7 @@ def _draw_text(
     if size != mask.size:
         mask = mask.resize(size, resample)
     x = int(rng.uniform(0, max(0, width - mask.width)))
-    y = int(max(0, (band_h - mask.height) / 2))
+    y = int(height * scene.band_top + max(0, (band_h - mask.height) * scene.text_y))
     image.paste(Image.new("RGB", mask.size, color), (x, y), mask)
     return [
         (char, (x + a * fx, y, x + b * fx, y + mask.height))
@@ -367,7 +387,7 @@ def render_labelled(
             height=max(1, round(scene.height * fit)),
         )
     size = (scene.width, scene.height)
-    band = 0.3
+    band = TEXT_BAND
     factor = 3 if style == "alt" else 1  # alt: supersample, then downscale: anti-aliased edges
     big = (scene.width * factor, scene.height * factor)
     # the mean of k x k pixels has 1/k of their spread: the grain shrinks with the picture
