@@ -328,8 +328,9 @@ def test_training_can_print_text_at_any_height_and_draws_nothing_more_unless_ask
             top,
             text_y,
         )
-        for style in ("train", "alt"):
-            image, labels = world.render_labelled(scene, random.Random(3), style)  # type: ignore[arg-type]
+        styles: tuple[world.Style, ...] = ("train", "alt")
+        for style in styles:
+            _, labels = world.render_labelled(scene, random.Random(3), style)
             band = (400 * top, 400 * (top + world.TEXT_BAND))
             boxes = [box for _, box in labels.chars]
             assert all(band[0] - 1 <= y0 and y1 <= band[1] + 1 for _, y0, _, y1 in boxes)

@@ -351,7 +351,7 @@ def run_batches(
         args.number_rate,
         args.bitmap_numbers,
         args.mix,
-        args.text_anywhere,
+        getattr(args, "text_anywhere", 0.0),  # a Namespace without it: none moved
     )
 
 
