@@ -84,13 +84,11 @@ def sample_scene(
     chosen first, a `bitmap_face` share of the time, and the bitmap face's texts are numbers
     `bitmap_numbers` of the time (the other faces' `number_rate`). `text_anywhere`: see
     `world.sample_scene`."""
-    if bitmap_numbers is None or not bitmap_face:
-        scene = world.sample_scene(
-            rng, text_rate=text_rate, number_rate=number_rate, text_anywhere=text_anywhere
-        )
-        return scene, None
-    bitmap = rng.random() < bitmap_face
-    rate = bitmap_numbers if bitmap else number_rate
+    bitmap: bool | None = None
+    rate = number_rate
+    if bitmap_numbers is not None and bitmap_face:
+        bitmap = rng.random() < bitmap_face
+        rate = bitmap_numbers if bitmap else number_rate
     scene = world.sample_scene(
         rng, text_rate=text_rate, number_rate=rate, text_anywhere=text_anywhere
     )

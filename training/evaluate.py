@@ -359,6 +359,12 @@ def scene_mistake(got: str, scene: world.Scene) -> str | None:
     return "shape and colour" if shape and colour else "shape" if shape else "colour"
 
 
+def squeeze(scene: world.Scene) -> float:
+    """How much the picture is stretched one way to make it square: its longer side over its
+    shorter."""
+    return max(scene.width / scene.height, scene.height / scene.width)
+
+
 def smallest_side(example: Example, side: int) -> float:
     """The shorter side, at the model's `side` px square input, of the first image's smallest
     shape (its box)."""
@@ -386,7 +392,7 @@ def scene_row(example: Example, got: str, side: int) -> dict[str, Any]:
         "mistake": scene_mistake(got, scene),
         "count": len(scene.items),
         "side": smallest_side(example, side),
-        "squeeze": max(scene.width / scene.height, scene.height / scene.width),
+        "squeeze": squeeze(scene),
         "confused": confused if len(named) == len(scene.items) else [],
         "text_presence_wrong": ("text says" in got.lower()) != bool(scene.text),
     }
@@ -505,7 +511,7 @@ def reading_row(example: Example, got: str, side: int) -> dict[str, Any]:
         "printed": scene.text,
         "got": got,
         "width": glyph_width(example, side),
-        "squeeze": max(scene.width / scene.height, scene.height / scene.width),
+        "squeeze": squeeze(scene),
     }
 
 
