@@ -926,6 +926,31 @@ def test_a_run_pins_its_kernels_by_running_again_with_them(
     assert len(calls) == 1
 
 
+def test_a_snapshot_mid_run_leaves_the_model_training_on_the_eager_attention(
+    small_parts: tuple[object, object], tmp_path: Path
+) -> None:
+    """`--save-every` once switched the live model to SDPA, and the next step's look-up loss
+    found no attention weights: the run died at its first snapshot."""
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    from training.train import save
+
+    config, processor = small_parts
+    torch.manual_seed(0)
+    model = AutoModelForImageTextToText.from_config(config)
+    model.model.text_model.config._attn_implementation = "eager"
+    model.train()
+    save(model, processor, tmp_path / "snapshot")
+    assert model.training
+    assert model.model.text_model.config._attn_implementation == "eager"
+    batch, _ = split_aids(collate([make_example(random.Random(2))], processor))
+    out = model(**batch, output_attentions=True)
+    assert len(out.attentions) == config.text_config.num_hidden_layers  # type: ignore[attr-defined]
+    again = AutoModelForImageTextToText.from_pretrained(tmp_path / "snapshot")
+    assert again.model.text_model.config._attn_implementation == "sdpa"
+
+
 def test_a_run_can_start_from_a_checkpoints_weights(
     small_parts: tuple[object, object], tmp_path: Path
 ) -> None:

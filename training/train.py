@@ -700,13 +700,19 @@ def start_from(model: Any, folder: Path) -> None:
 
 
 def save(model: Any, processor: Any, folder: Path) -> None:
-    model.eval()
+    """Write the checkpoint folder; the model trains on as it was (a `--save-every` snapshot)."""
+    config = model.model.text_model.config
+    training_attention, training = config._attn_implementation, model.training
     # the look-up loss trains on the eager attention; the checkpoint keeps the default
-    model.model.text_model.config._attn_implementation = "sdpa"
-
-    folder.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(folder)
-    processor.save_pretrained(folder)
+    config._attn_implementation = "sdpa"
+    model.eval()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(folder)
+        processor.save_pretrained(folder)
+    finally:
+        config._attn_implementation = training_attention
+        model.train(training)
 
 
 def command_line() -> argparse.ArgumentParser:
@@ -1108,7 +1114,6 @@ def main() -> None:
             )
         if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < steps:
             save(model, processor, args.out.with_name(f"{args.out.name}-step{step + 1}"))
-            model.train()
     if args.probe or args.stop_after:
         done = args.stop_after or steps
         rate = done / (time.perf_counter() - started)
