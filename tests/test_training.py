@@ -524,6 +524,7 @@ def test_the_tower_warm_up_trains_the_tower_and_not_the_language_model() -> None
         number_rate=world.NUMBER_RATE,
         bitmap_numbers=None,
         mix=dict(TRAIN_MIX),
+        text_anywhere=0.0,
     )
     model.train()
     warm_tower(model, processor, heads, token_heads, args)

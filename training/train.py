@@ -351,7 +351,7 @@ def run_batches(
         args.number_rate,
         args.bitmap_numbers,
         args.mix,
-        getattr(args, "text_anywhere", 0.0),  # a Namespace without it: none moved
+        args.text_anywhere,
     )
 
 
@@ -700,19 +700,12 @@ def start_from(model: Any, folder: Path) -> None:
 
 
 def save(model: Any, processor: Any, folder: Path) -> None:
-    """Write the checkpoint folder; the model trains on as it was (a `--save-every` snapshot)."""
-    config = model.model.text_model.config
-    training_attention, training = config._attn_implementation, model.training
-    # the look-up loss trains on the eager attention; the checkpoint keeps the default
-    config._attn_implementation = "sdpa"
-    model.eval()
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        model.save_pretrained(folder)
-        processor.save_pretrained(folder)
-    finally:
-        config._attn_implementation = training_attention
-        model.train(training)
+    """Write the checkpoint folder; the model trains on as it was (a `--save-every` snapshot).
+    The eager attention the look-up loss trains on is not written: a checkpoint loads with the
+    default."""
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
 
 
 def command_line() -> argparse.ArgumentParser:
