@@ -363,6 +363,55 @@ def test_training_can_print_text_at_any_height_and_draws_nothing_more_unless_ask
     assert "--text-anywhere" not in model_card(1, args, 1.0, 0.5, SIZE)
 
 
+def test_training_can_move_the_word_within_its_band_and_draws_nothing_more_unless_asked(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    plain = [world.sample_scene(random.Random(i), text_rate=1.0) for i in range(40)]
+    assert plain == [
+        world.sample_scene(random.Random(i), text_rate=1.0, text_drift=0.0) for i in range(40)
+    ]
+    # set, that share of the texts moves up or down within the band at the top, and only there
+    moved = [
+        world.sample_scene(random.Random(i), text_rate=1.0, text_drift=0.5) for i in range(400)
+    ]
+    printed = [s for s in moved if s.text]
+    drifted = [s for s in printed if s.text_y != 0.5]
+    assert 0.4 < len(drifted) / len(printed) < 0.6
+    assert all(s.band_top == 0.0 for s in moved)
+    assert min(s.text_y for s in drifted) < 0.1 and max(s.text_y for s in drifted) > 0.9
+    assert all(s.text_y == 0.5 for s in moved if not s.text)
+    # beside `text_anywhere`, it shares out the texts that one left centred
+    both = [
+        world.sample_scene(random.Random(i), text_rate=1.0, text_anywhere=0.5, text_drift=1.0)
+        for i in range(400)
+    ]
+    texts = [s for s in both if s.text]
+    assert all((s.band_top, s.text_y) != (0.0, 0.5) for s in texts)
+    assert 0.3 < sum(s.band_top == 0.0 for s in texts) / len(texts) < 0.7
+    # the training's batches pass it on
+    batches = drawn_chats(
+        monkeypatch,
+        seed=0,
+        batch_size=8,
+        start=0,
+        stop=6,
+        columns=4,
+        text_rate=1.0,
+        text_drift=1.0,
+    )
+    scenes = [s for chats in batches for chat in chats for s in chat.scenes if s.text]
+    assert scenes and all(s.band_top == 0.0 and s.text_y != 0.5 for s in scenes)
+    # from the command line, and named on the card
+    from training.train import SIZE, command_line, model_card, run_batches
+
+    args = command_line().parse_args(["--out", "x", "--text-drift", "0.6"])
+    assert run_batches(args, None, SIZE, 0, 10).text_drift == 0.6
+    args.steps = 10
+    assert " --text-drift 0.6" in model_card(1, args, 1.0, 0.5, SIZE)
+    args.text_drift = 0.0
+    assert "--text-drift" not in model_card(1, args, 1.0, 0.5, SIZE)
+
+
 def drawn_chats(monkeypatch: pytest.MonkeyPatch, **batches_args: object) -> list[list[Example]]:
     """The chats of each batch `training.train.Batches(None, **batches_args)` draws, uncollated."""
     import training.train as train_module
@@ -525,6 +574,7 @@ def test_the_tower_warm_up_trains_the_tower_and_not_the_language_model() -> None
         bitmap_numbers=None,
         mix=dict(TRAIN_MIX),
         text_anywhere=0.0,
+        text_drift=0.0,
     )
     model.train()
     warm_tower(model, processor, heads, token_heads, args)

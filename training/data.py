@@ -76,21 +76,26 @@ def sample_scene(
     bitmap_face: float,
     bitmap_numbers: float | None,
     text_anywhere: float = 0.0,
+    text_drift: float = 0.0,
 ) -> tuple[world.Scene, bool | None]:
     """A training scene, and whether its text is to be printed in the bitmap face.
 
     With `bitmap_numbers` None the face is chosen when the text is drawn (`world._draw_text`)
     and this draws nothing more than `world.sample_scene` does (None). Otherwise the face is
     chosen first, a `bitmap_face` share of the time, and the bitmap face's texts are numbers
-    `bitmap_numbers` of the time (the other faces' `number_rate`). `text_anywhere`: see
-    `world.sample_scene`."""
+    `bitmap_numbers` of the time (the other faces' `number_rate`). `text_anywhere` and
+    `text_drift`: see `world.sample_scene`."""
     bitmap: bool | None = None
     rate = number_rate
     if bitmap_numbers is not None and bitmap_face:
         bitmap = rng.random() < bitmap_face
         rate = bitmap_numbers if bitmap else number_rate
     scene = world.sample_scene(
-        rng, text_rate=text_rate, number_rate=rate, text_anywhere=text_anywhere
+        rng,
+        text_rate=text_rate,
+        number_rate=rate,
+        text_anywhere=text_anywhere,
+        text_drift=text_drift,
     )
     return scene, bitmap
 
@@ -109,6 +114,7 @@ def make_example(
     number_rate: float = world.NUMBER_RATE,
     bitmap_numbers: float | None = None,
     text_anywhere: float = 0.0,
+    text_drift: float = 0.0,
 ) -> Example:
     if kind is None:
         kinds = list(TRAIN_MIX)
@@ -118,13 +124,19 @@ def make_example(
     if kind == "pair":
         rate = 0.5 if text_rate is None else text_rate
         sampled = [
-            sample_scene(rng, rate, number_rate, bitmap_face, bitmap_numbers, text_anywhere)
+            sample_scene(
+                rng, rate, number_rate, bitmap_face, bitmap_numbers, text_anywhere, text_drift
+            )
             for _ in range(2)
         ]
         question, answer = world.ask_pair(sampled[0][0], sampled[1][0], rng)
     else:
         rate = (0.75 if kind == "text" else 0.4) if text_rate is None else text_rate
-        sampled = [sample_scene(rng, rate, number_rate, bitmap_face, bitmap_numbers, text_anywhere)]
+        sampled = [
+            sample_scene(
+                rng, rate, number_rate, bitmap_face, bitmap_numbers, text_anywhere, text_drift
+            )
+        ]
         question, answer = world.ask(sampled[0][0], rng, kind)
     scenes = [scene for scene, _ in sampled]
     drawn = [
@@ -166,6 +178,7 @@ def make_chat(
     bitmap_numbers: float | None = None,
     mix: Mapping[world.QuestionType, float] = TRAIN_MIX,
     text_anywhere: float = 0.0,
+    text_drift: float = 0.0,
 ) -> Example:
     """A training chat: `kind` first, and (for one image) possibly further questions about the
     same image. A description, which names everything, is only ever the last turn, so no earlier
@@ -180,7 +193,8 @@ def make_chat(
     `bitmap_numbers`, how often the bitmap face's texts are (None: `number_rate`, and the face
     chosen as the text is drawn): see `sample_scene`; `mix`, the weights the further questions
     are drawn with (`TRAIN_MIX`, or `train.py --mix`); `text_anywhere`, the share of texts
-    printed at a random height: see `world.sample_scene`."""
+    printed at a random height, and `text_drift`, the share of the others printed anywhere in
+    their band: see `world.sample_scene`."""
     if turns is None:
         turns = 1 if rng.random() >= MULTI_RATE else rng.randint(2, MULTI_TURNS)
     if system is None:
@@ -198,13 +212,16 @@ def make_chat(
             number_rate=number_rate,
             bitmap_numbers=bitmap_numbers,
             text_anywhere=text_anywhere,
+            text_drift=text_drift,
         )
     singles = [k for k in mix if k != "pair"]
     kinds = [kind, *rng.choices(singles, weights=[mix[k] for k in singles], k=turns - 1)]
     kinds = [k for k in kinds if k != "describe"] + (["describe"] if "describe" in kinds else [])
     prompt = rng.choice(world.SYSTEM_PROMPTS) if system else None
     rate = (0.6 if "text" in kinds else 0.4) if text_rate is None else text_rate
-    scene, bitmap = sample_scene(rng, rate, number_rate, bitmap_face, bitmap_numbers, text_anywhere)
+    scene, bitmap = sample_scene(
+        rng, rate, number_rate, bitmap_face, bitmap_numbers, text_anywhere, text_drift
+    )
     asked: list[tuple[str, str]] = []
     for k in kinds:
         question, answer = world.ask(scene, rng, k)

@@ -275,9 +275,11 @@ class Batches(IterableDataset[dict[str, torch.Tensor]]):
         bitmap_numbers: float | None = None,
         mix: Mapping[world.QuestionType, float] = TRAIN_MIX,
         text_anywhere: float = 0.0,
+        text_drift: float = 0.0,
     ) -> None:
         self.processor = processor
         self.text_anywhere = text_anywhere
+        self.text_drift = text_drift
         self.mix = mix
         self.text_rate = text_rate
         self.number_rate = number_rate
@@ -324,6 +326,7 @@ class Batches(IterableDataset[dict[str, torch.Tensor]]):
                     bitmap_numbers=self.bitmap_numbers,
                     mix=self.mix,
                     text_anywhere=self.text_anywhere,
+                    text_drift=self.text_drift,
                 )
                 for kind in kinds
             ]
@@ -352,6 +355,7 @@ def run_batches(
         args.bitmap_numbers,
         args.mix,
         args.text_anywhere,
+        args.text_drift,
     )
 
 
@@ -494,6 +498,7 @@ def model_card(
             if (anywhere := getattr(args, "text_anywhere", 0))
             else ""
         )
+        + (f" --text-drift {drift}" if (drift := getattr(args, "text_drift", 0)) else "")
         + ("" if pinned else " --no-pin-math")
         + (f" --init-from {init}" if (init := getattr(args, "init_from", None)) else "")
     )
@@ -856,6 +861,15 @@ def command_line() -> argparse.ArgumentParser:
         "instead of centred in a band at the top, where every other text is: a model that only "
         "ever sees text there reads none a few pixels higher or lower (`training.evaluate "
         "--placement`); 0 draws nothing more, so the batches stay the shipped run's",
+    )
+    parser.add_argument(
+        "--text-drift",
+        type=float,
+        default=0.0,
+        help="share of the other printed texts drawn anywhere in the band at the top, not "
+        "centred in it: a few pixels higher or lower, where a model trained on centred words "
+        "reads none (`training.evaluate --placement`, the band's top and bottom); 0 draws "
+        "nothing more, so the batches stay the shipped run's",
     )
     parser.add_argument(
         "--mix",

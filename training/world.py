@@ -129,10 +129,12 @@ def sample_scene(
     text_rate: float = 0.5,
     number_rate: float = NUMBER_RATE,
     text_anywhere: float = 0.0,
+    text_drift: float = 0.0,
 ) -> Scene:
     """A random scene. `text_anywhere`: the share of texts printed at a random height (their
     band anywhere from the top to the bottom, the word anywhere in it) instead of centred in a
-    band at the top; 0 draws no random number for it."""
+    band at the top; `text_drift`: the share of the others printed anywhere in the band at the
+    top, not centred in it (a few pixels up or down). 0 draws no random number for either."""
     width, height = sample_size(rng)
     count = rng.choice((1, 2, 3))
     items = tuple(Item(rng.choice(SHAPES), rng.choice(tuple(COLORS))) for _ in range(count))
@@ -142,6 +144,8 @@ def sample_scene(
     if text and text_anywhere and rng.random() < text_anywhere:
         band_top, text_y = rng.uniform(0.0, 1.0 - TEXT_BAND), rng.random()
         return Scene(items, text, width, height, background, band_top, text_y)
+    if text and text_drift and rng.random() < text_drift:
+        return Scene(items, text, width, height, background, 0.0, rng.random())
     return Scene(items, text, width, height, background)
 
 
