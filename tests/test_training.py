@@ -340,27 +340,10 @@ def test_training_can_print_text_at_any_height_and_draws_nothing_more_unless_ask
             assert shapes is not None
             assert shapes[3] <= band[0] + 1 or shapes[1] >= band[1] - 1
     # the training's batches pass it on
-    batches = drawn_chats(
-        monkeypatch,
-        seed=0,
-        batch_size=8,
-        start=0,
-        stop=6,
-        columns=4,
-        text_rate=1.0,
-        text_anywhere=1.0,
-    )
-    scenes = [s for chats in batches for chat in chats for s in chat.scenes if s.text]
+    scenes = printed_scenes(monkeypatch, text_anywhere=1.0)
     assert scenes and all((s.band_top, s.text_y) != (0.0, 0.5) for s in scenes)
     # from the command line, and named on the card
-    from training.train import SIZE, command_line, model_card, run_batches
-
-    args = command_line().parse_args(["--out", "x", "--text-anywhere", "0.4"])
-    assert run_batches(args, None, SIZE, 0, 10).text_anywhere == 0.4
-    args.steps = 10
-    assert " --text-anywhere 0.4" in model_card(1, args, 1.0, 0.5, SIZE)
-    args.text_anywhere = 0.0
-    assert "--text-anywhere" not in model_card(1, args, 1.0, 0.5, SIZE)
+    reaches_batches_and_card("--text-anywhere", 0.4)
 
 
 def test_training_can_move_the_word_within_its_band_and_draws_nothing_more_unless_asked(
@@ -389,27 +372,10 @@ def test_training_can_move_the_word_within_its_band_and_draws_nothing_more_unles
     assert all((s.band_top, s.text_y) != (0.0, 0.5) for s in texts)
     assert 0.3 < sum(s.band_top == 0.0 for s in texts) / len(texts) < 0.7
     # the training's batches pass it on
-    batches = drawn_chats(
-        monkeypatch,
-        seed=0,
-        batch_size=8,
-        start=0,
-        stop=6,
-        columns=4,
-        text_rate=1.0,
-        text_drift=1.0,
-    )
-    scenes = [s for chats in batches for chat in chats for s in chat.scenes if s.text]
+    scenes = printed_scenes(monkeypatch, text_drift=1.0)
     assert scenes and all(s.band_top == 0.0 and s.text_y != 0.5 for s in scenes)
     # from the command line, and named on the card
-    from training.train import SIZE, command_line, model_card, run_batches
-
-    args = command_line().parse_args(["--out", "x", "--text-drift", "0.6"])
-    assert run_batches(args, None, SIZE, 0, 10).text_drift == 0.6
-    args.steps = 10
-    assert " --text-drift 0.6" in model_card(1, args, 1.0, 0.5, SIZE)
-    args.text_drift = 0.0
-    assert "--text-drift" not in model_card(1, args, 1.0, 0.5, SIZE)
+    reaches_batches_and_card("--text-drift", 0.6)
 
 
 def drawn_chats(monkeypatch: pytest.MonkeyPatch, **batches_args: object) -> list[list[Example]]:
@@ -427,6 +393,27 @@ def drawn_chats(monkeypatch: pytest.MonkeyPatch, **batches_args: object) -> list
     monkeypatch.setattr(train_module, "collate", keep)
     list(train_module.Batches(None, **batches_args))  # type: ignore[arg-type]
     return batches
+
+
+def printed_scenes(monkeypatch: pytest.MonkeyPatch, **placement: float) -> list[world.Scene]:
+    """The scenes with text in six batches of eight chats, drawn with `placement`."""
+    batches = drawn_chats(
+        monkeypatch, seed=0, batch_size=8, start=0, stop=6, columns=4, text_rate=1.0, **placement
+    )
+    return [s for chats in batches for chat in chats for s in chat.scenes if s.text]
+
+
+def reaches_batches_and_card(flag: str, value: float) -> None:
+    """`flag value` on the command line reaches the batches and is named on the card; 0 is not."""
+    from training.train import SIZE, command_line, model_card, run_batches
+
+    attr = flag.removeprefix("--").replace("-", "_")
+    args = command_line().parse_args(["--out", "x", flag, str(value)])
+    assert getattr(run_batches(args, None, SIZE, 0, 10), attr) == value
+    args.steps = 10
+    assert f" {flag} {value}" in model_card(1, args, 1.0, 0.5, SIZE)
+    setattr(args, attr, 0.0)
+    assert flag not in model_card(1, args, 1.0, 0.5, SIZE)
 
 
 def test_a_batch_gives_its_chats_one_layout(monkeypatch: pytest.MonkeyPatch) -> None:
