@@ -385,7 +385,12 @@ def drawn_chats(monkeypatch: pytest.MonkeyPatch, **batches_args: object) -> list
     batches: list[list[Example]] = []
 
     def keep(
-        examples: list[Example], processor: object, columns: int, size: object, slots: bool
+        examples: list[Example],
+        processor: object,
+        columns: int,
+        size: object,
+        slots: bool,
+        **_: int,
     ) -> dict[str, object]:
         batches.append(examples)
         return {}
@@ -490,6 +495,45 @@ def test_patch_targets_say_what_is_under_each_patch() -> None:
     assert len(set(cols.tolist())) >= 3 and len(set((char == o).nonzero()[:, 1].tolist())) >= 3
 
 
+def test_character_cells_can_split_a_patch_from_top_to_bottom_too() -> None:
+    """`--char-rows`: the character read-out says where in a patch a glyph sits up and down, as
+    its strips say across, so a word a few pixels higher marks other cells of the same patches."""
+    import torch
+
+    from training.patches import PatchHeads
+
+    def chars(text_y: float, rows: int) -> torch.Tensor:
+        scene = world.Scene((world.Item("circle", "red"),), "GO", 512, 512, "plain", 0.0, text_y)
+        _, labels = world.render_labelled(scene, random.Random(0))
+        target = patches.targets(scene, labels, 128, 16, columns=4, rows=rows)
+        assert target.shape == (2 + 4 * rows, 64)
+        if rows == 1:
+            assert torch.equal(target, patches.targets(scene, labels, 128, 16, columns=4))
+        # laid out as the image: 8 * rows cells down, 32 strips across
+        return target[2:].reshape(rows, 4, 8, 8).permute(2, 0, 3, 1).reshape(8 * rows, 32)
+
+    top, bottom = chars(0.0, 2), chars(1.0, 2)
+    marked = {
+        name: set(c.nonzero()[:, 0].tolist()) for name, c in (("top", top), ("bottom", bottom))
+    }
+    # half-patch rows: the word's lower edge moves down by a cell or more, its columns do not
+    assert max(marked["bottom"]) > max(marked["top"]) and min(marked["top"]) <= 1
+    assert torch.equal(top.any(0), bottom.any(0))
+    # a patch's cells, top half then bottom half, are the same glyphs as its whole-height strip
+    # says wherever the glyph covers the patch's middle
+    whole = chars(0.0, 1)
+    assert set(whole.unique().tolist()) == set(top.unique().tolist())
+    # the read-out learns every cell: columns x rows classifications a patch
+    heads = PatchHeads(8, ("char",), columns=4, glyph_weight=1.0, char_rows=2)
+    assert heads.heads["char"].out_features == 8 * patches.HEADS["char"]
+    heads.seen = torch.randn(1, 64, 8, requires_grad=True)
+    scene = world.Scene((world.Item("circle", "red"),), "GO", 512, 512, "plain")
+    _, labels = world.render_labelled(scene, random.Random(0))
+    heads.loss(patches.targets(scene, labels, 128, 16, columns=4, rows=2)[None]).backward()
+    assert heads.heads["char"].weight.grad is not None and "char" in heads.accuracy
+    reaches_batches_and_card("--char-rows", 2)
+
+
 def test_slot_targets_number_the_characters_so_a_repeated_glyph_counts_twice() -> None:
     import torch
 
@@ -562,6 +606,7 @@ def test_the_tower_warm_up_trains_the_tower_and_not_the_language_model() -> None
         mix=dict(TRAIN_MIX),
         text_anywhere=0.0,
         text_drift=0.0,
+        char_rows=1,
     )
     model.train()
     warm_tower(model, processor, heads, token_heads, args)

@@ -27,8 +27,11 @@ CHARS = string.ascii_uppercase + string.digits
 NONE = 0  # the class of a patch with no shape (or no character) on it
 # A 16 px patch of the model's input holds one or two glyphs, so the character read-out names
 # the glyph under each of `columns` vertical strips of the patch, left to right: which letters
-# are there, and in which order (1: one character per patch).
+# are there, and in which order (1: one character per patch). `rows` splits each strip from top to
+# bottom too, so the read-out says where in the patch a glyph sits up and down as well (1: the
+# whole height of the patch, as before).
 COLUMNS = 1
+ROWS = 1
 HEADS = {
     "shape": 1 + len(world.SHAPES),
     "color": 1 + len(world.COLORS),
@@ -51,10 +54,12 @@ def targets(
     patch: int,
     columns: int = COLUMNS,
     slots: bool = False,
+    rows: int = ROWS,
 ) -> torch.Tensor:
-    """(2 + columns [+ SLOTS], grid * grid) class indices: shape and colour under each patch,
-    then the character under each of its `columns` strips, then (`slots`) the word's k-th
-    character in row k under the middle of its box."""
+    """(2 + columns * rows [+ SLOTS], grid * grid) class indices: shape and colour under each
+    patch, then the character under each of its `columns` x `rows` cells (row by row, each row
+    left to right), then (`slots`) the word's k-th character in row k under the middle of its
+    box."""
     grid = size // patch
     width, height = labels.items.size
     item = item_map(scene, labels, size, patch)
@@ -64,25 +69,27 @@ def targets(
         shapes = np.array([NONE] + [1 + world.SHAPES.index(i.shape) for i in scene.items])
         colors = np.array([NONE] + [1 + list(world.COLORS).index(i.color) for i in scene.items])
         shape, color = shapes[item], colors[item]
-    # strips across the whole image: grid * columns of them
-    char = np.zeros((grid, grid * columns), dtype=np.int64)
-    fx, fy = grid * columns / width, grid / height
-    rows_at, cols_at = np.arange(grid) + 0.5, np.arange(grid * columns) + 0.5
+    # cells across the whole image: grid * rows of them down, grid * columns across
+    char = np.zeros((grid * rows, grid * columns), dtype=np.int64)
+    fx, fy = grid * columns / width, grid * rows / height
+    rows_at, cols_at = np.arange(grid * rows) + 0.5, np.arange(grid * columns) + 0.5
     for glyph, (x0, y0, x1, y1) in labels.chars:
         if glyph not in CHARS:
             continue
         value = 1 + CHARS.index(glyph)
-        cols = np.flatnonzero((cols_at >= x0 * fx) & (cols_at < x1 * fx))
-        rows = np.flatnonzero((rows_at >= y0 * fy) & (rows_at < y1 * fy))
-        # a glyph narrower than a strip (or shorter than a patch) still marks the one its
+        across = np.flatnonzero((cols_at >= x0 * fx) & (cols_at < x1 * fx))
+        down = np.flatnonzero((rows_at >= y0 * fy) & (rows_at < y1 * fy))
+        # a glyph narrower than a strip (or shorter than a cell) still marks the one its
         # centre is in
-        if cols.size == 0:
-            cols = np.array([min(grid * columns - 1, int((x0 + x1) / 2 * fx))])
-        if rows.size == 0:
-            rows = np.array([min(grid - 1, int((y0 + y1) / 2 * fy))])
-        char[np.ix_(rows, cols)] = value
-    # (grid, grid, columns) -> (columns, grid * grid): strip j of every patch, in patch order
-    strips = char.reshape(grid, grid, columns).transpose(2, 0, 1).reshape(columns, -1)
+        if across.size == 0:
+            across = np.array([min(grid * columns - 1, int((x0 + x1) / 2 * fx))])
+        if down.size == 0:
+            down = np.array([min(grid * rows - 1, int((y0 + y1) / 2 * fy))])
+        char[np.ix_(down, across)] = value
+    # (grid, rows, grid, columns) -> (rows * columns, grid * grid): cell (i, j) of every patch,
+    # in patch order
+    cells = char.reshape(grid, rows, grid, columns).transpose(1, 3, 0, 2)
+    strips = cells.reshape(rows * columns, -1)
     parts = [shape[None], color[None], strips]
     if slots:
         slot = np.zeros((SLOTS, grid * grid), dtype=np.int64)
@@ -126,13 +133,14 @@ def item_cells(scene: world.Scene, labels: world.Labels, size: int, patch: int) 
     return torch.from_numpy(cells)
 
 
-def rows(name: str, columns: int) -> slice:
-    """Which rows of `targets` a read-out learns from."""
+def rows(name: str, cells: int) -> slice:
+    """Which rows of `targets` a read-out learns from; `cells`: the character read-out's cells a
+    patch (columns x rows)."""
     return {
         "shape": slice(0, 1),
         "color": slice(1, 2),
-        "char": slice(2, 2 + columns),
-        "slot": slice(2 + columns, 2 + columns + SLOTS),
+        "char": slice(2, 2 + cells),
+        "slot": slice(2 + cells, 2 + cells + SLOTS),
     }[name]
 
 
@@ -150,6 +158,7 @@ class PatchHeads(torch.nn.Module):
         names: tuple[str, ...] = ("shape", "color", "char"),
         columns: int = COLUMNS,
         glyph_weight: float = 0.0,
+        char_rows: int = ROWS,
     ) -> None:
         super().__init__()
         self.names = names
@@ -157,8 +166,8 @@ class PatchHeads(torch.nn.Module):
         # `glyph_weight` adds the cross-entropy over the strips that do hold one: which glyph.
         self.glyph_weight = glyph_weight
         # target rows per read-out
-        self.width = {"shape": 1, "color": 1, "char": columns, "slot": SLOTS}
-        self.columns = columns
+        self.cells = columns * char_rows
+        self.width = {"shape": 1, "color": 1, "char": self.cells, "slot": SLOTS}
         self.heads = torch.nn.ModuleDict(
             {n: torch.nn.Linear(hidden, self.width[n] * HEADS[n]) for n in names}
         )
@@ -190,7 +199,7 @@ class PatchHeads(torch.nn.Module):
             width = self.width[name]
             logits = head(seen).reshape(seen.shape[0], seen.shape[1], width, HEADS[name])
             logits = logits.reshape(-1, HEADS[name])
-            wanted = target[:, rows(name, self.columns)].transpose(1, 2).reshape(-1)
+            wanted = target[:, rows(name, self.cells)].transpose(1, 2).reshape(-1)
             total = total + torch.nn.functional.cross_entropy(logits, wanted)
             marked = wanted != NONE
             if marked.any():

@@ -142,10 +142,12 @@ def collate(
     columns: int = patches.COLUMNS,
     size: Size = SIZE,
     slots: bool = False,
+    char_rows: int = patches.ROWS,
 ) -> dict[str, torch.Tensor]:
     """Tokenize whole chats; the loss is on the answers (each with its end token) only. `size`
     is the model's: its input and patch sizes place the read-outs' targets; `slots`: the image
-    tokens' targets number the printed characters too (`patches.SLOTS`)."""
+    tokens' targets number the printed characters too (`patches.SLOTS`); `columns` and
+    `char_rows`: the character read-out's cells a patch, across and down."""
     texts, images, answers = [], [], []
     tokenizer = processor.tokenizer
     for ex in examples:
@@ -173,7 +175,7 @@ def collate(
     drawn = [pair for ex in examples for pair in zip(ex.scenes, ex.labels, strict=True)]
     out["patch_targets"] = torch.stack(
         [
-            patches.targets(scene, label, size.image_size, size.patch_size, columns)
+            patches.targets(scene, label, size.image_size, size.patch_size, columns, rows=char_rows)
             for scene, label in drawn
         ]
     )
@@ -181,7 +183,10 @@ def collate(
     side = processor.image_processor.max_image_size["longest_edge"]
     token = side // math.isqrt(processor.image_seq_len)
     out["token_targets"] = torch.stack(
-        [patches.targets(scene, label, side, token, columns, slots) for scene, label in drawn]
+        [
+            patches.targets(scene, label, side, token, columns, slots, char_rows)
+            for scene, label in drawn
+        ]
     )
     image_token = tokenizer.convert_tokens_to_ids("<image>")
     # where each answer is decided: its first token that is not a bare space (" Blue." is
@@ -276,8 +281,10 @@ class Batches(IterableDataset[dict[str, torch.Tensor]]):
         mix: Mapping[world.QuestionType, float] = TRAIN_MIX,
         text_anywhere: float = 0.0,
         text_drift: float = 0.0,
+        char_rows: int = patches.ROWS,
     ) -> None:
         self.processor = processor
+        self.char_rows = char_rows
         self.text_anywhere = text_anywhere
         self.text_drift = text_drift
         self.mix = mix
@@ -330,7 +337,14 @@ class Batches(IterableDataset[dict[str, torch.Tensor]]):
                 )
                 for kind in kinds
             ]
-            yield collate(examples, self.processor, self.columns, self.size, self.slots)
+            yield collate(
+                examples,
+                self.processor,
+                self.columns,
+                self.size,
+                self.slots,
+                char_rows=self.char_rows,
+            )
 
 
 def run_batches(
@@ -356,6 +370,7 @@ def run_batches(
         args.mix,
         args.text_anywhere,
         args.text_drift,
+        args.char_rows,
     )
 
 
@@ -499,6 +514,7 @@ def model_card(
             else ""
         )
         + (f" --text-drift {drift}" if (drift := getattr(args, "text_drift", 0)) else "")
+        + (f" --char-rows {char_rows}" if (char_rows := getattr(args, "char_rows", 1)) > 1 else "")
         + ("" if pinned else " --no-pin-math")
         + (f" --init-from {init}" if (init := getattr(args, "init_from", None)) else "")
     )
@@ -628,7 +644,11 @@ and costs far less), AdamW (peak lr {args.lr}, warm-up {args.warmup}, cosine),
 Beside the language loss on the answer, the vision tower is
 supervised patch by patch (weight {args.patch_weight}): linear read-outs of its output learn which
 shape and colour lies under each patch and which printed character under each of its
-{args.char_columns} vertical strips{glyphs}, and read-outs of the connector's image tokens the same
+{args.char_columns} vertical strips{
+        f" (each cut into {rows} from top to bottom)"
+        if (rows := getattr(args, "char_rows", 1)) > 1
+        else ""
+    }{glyphs}, and read-outs of the connector's image tokens the same
 for each token ({"shape, colour and characters" if args.token_chars else "shape and colour"}{
         "; and, under each printed character, which character of the word it is: the k-th one in "
         "read-out k"
@@ -734,6 +754,14 @@ def command_line() -> argparse.ArgumentParser:
         default=patches.COLUMNS,
         help="strips per patch the character read-out names a glyph for (1: one per patch; "
         "4 began to read first letters, but learned shapes more slowly)",
+    )
+    parser.add_argument(
+        "--char-rows",
+        type=int,
+        default=patches.ROWS,
+        help="cells from top to bottom of a patch the character read-out names a glyph for, "
+        "as --char-columns does across (1: the patch's whole height): where in the patch a "
+        "glyph sits up and down, which a word printed a few pixels higher or lower moves",
     )
     parser.add_argument(
         "--glyph-weight",
@@ -988,7 +1016,10 @@ def main() -> None:
         args.workers,
     )
     heads = patches.PatchHeads(
-        size.vision_hidden, columns=args.char_columns, glyph_weight=args.glyph_weight
+        size.vision_hidden,
+        columns=args.char_columns,
+        glyph_weight=args.glyph_weight,
+        char_rows=args.char_rows,
     )
     heads.attach(model.model.vision_model)
     token_names: tuple[str, ...] = (
@@ -997,7 +1028,11 @@ def main() -> None:
     if args.char_slots:
         token_names += ("slot",)
     token_heads = patches.PatchHeads(
-        size.hidden, token_names, columns=args.char_columns, glyph_weight=args.glyph_weight
+        size.hidden,
+        token_names,
+        columns=args.char_columns,
+        glyph_weight=args.glyph_weight,
+        char_rows=args.char_rows,
     )
     token_heads.attach(model.model.connector)
     readout = lookup.ColourReadout(size.hidden)
