@@ -607,6 +607,7 @@ def test_the_tower_warm_up_trains_the_tower_and_not_the_language_model() -> None
         text_anywhere=0.0,
         text_drift=0.0,
         char_rows=1,
+        read_pairs=False,
     )
     model.train()
     warm_tower(model, processor, heads, token_heads, args)
@@ -865,6 +866,63 @@ def test_the_read_targets_are_where_each_character_of_the_word_is_printed(
         where = (batch["input_ids"][row] == image_token).nonzero()[:, 0]
         cells = char_cells(labels.chars[k][1], labels.items.size, 4)
         assert mask.nonzero()[:, 0].tolist() == where[cells].tolist()
+
+
+def test_two_image_descriptions_can_be_read_each_word_from_its_own_image(
+    training_size_processor: tuple[object, object],
+) -> None:
+    """`--read-pairs`: a description of two images spells the first image's word, looking at
+    the first image's tokens, then the second's at the second's; unset, pairs give none."""
+    from training.lookup import char_cells
+    from training.train import char_ids
+
+    _, processor = training_size_processor
+    tok = processor.tokenizer  # type: ignore[attr-defined]
+    image_token = tok.convert_tokens_to_ids("<image>")
+    ids = char_ids(tok)
+    pairs = [
+        pair
+        for seed in range(200)
+        if all(
+            (pair := make_example(random.Random(seed), kind="pair")).labels[i].chars for i in (0, 1)
+        )
+    ][:3]
+    assert len(pairs) == 3
+    assert len(collate(pairs, processor)["read_query"]) == 0
+    batch = collate(pairs, processor, read_pairs=True)
+    query, keys = batch["read_query"], batch["read_keys"]
+    assert len(query) == sum(len(s.text or "") for pair in pairs for s in pair.scenes)
+    spelled: dict[int, str] = {}
+    for (row, at), mask in zip(query.tolist(), keys, strict=True):
+        pair = pairs[row]
+        done = spelled.get(row, "")
+        first = pair.scenes[0].text or ""
+        k, j = (0, len(done)) if len(done) < len(first) else (1, len(done) - len(first))
+        char, box = pair.labels[k].chars[j]
+        assert int(batch["labels"][row, at + 1]) == ids[char]
+        spelled[row] = done + char
+        where = (batch["input_ids"][row] == image_token).nonzero()[:, 0]
+        own = where[k * 16 : (k + 1) * 16]
+        cells = char_cells(box, pair.labels[k].items.size, 4)
+        assert mask.nonzero()[:, 0].tolist() == own[cells].tolist()
+    # each row spelled its first image's word, then its second's, in the answer's order
+    assert spelled == {
+        r: (p.scenes[0].text or "") + (p.scenes[1].text or "") for r, p in enumerate(pairs)
+    }
+    assert all(
+        q[1] < r[1]
+        for q, r in zip(query[:-1].tolist(), query[1:].tolist(), strict=True)
+        if q[0] == r[0]
+    )
+    # the flag reaches the batches and is named on the card
+    from training.train import SIZE, command_line, model_card, run_batches
+
+    args = command_line().parse_args(["--out", "x", "--read-pairs"])
+    assert run_batches(args, None, SIZE, 0, 10).read_pairs
+    args.steps = 10
+    assert " --read-pairs" in model_card(1, args, 1.0, 0.5, SIZE)
+    args.read_pairs = False
+    assert "--read-pairs" not in model_card(1, args, 1.0, 0.5, SIZE)
 
 
 def test_the_look_up_loss_is_the_attention_mass_on_the_named_shape_and_trains_that_head(

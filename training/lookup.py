@@ -263,6 +263,7 @@ def read_targets(
     char_ids: dict[str, int],
     grid: int,
     image_token: int,
+    pairs: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Where to look while spelling a printed word out, for every answer that spells one.
 
@@ -270,35 +271,56 @@ def read_targets(
     `starts[row][turn]`; `char_ids` the token of each letter and digit (each is one token).
     For the k-th character of the word, the position whose output predicts it (the one before)
     should look at the image tokens where the word's k-th character is printed: `query` (n, 2)
-    and `keys` (n, positions), as `targets` makes them. Images with no word, answers that do not
-    spell it (counts, colours, "There is no text."), and two-image questions give none."""
+    and `keys` (n, positions), as `targets` makes them. Images with no word and answers that do
+    not spell it (counts, colours, "There is no text.") give none; two-image questions give none
+    unless `pairs`: then a description of both spells the first image's word (from its image
+    tokens) and, after it, the second's (from the second image's)."""
     queries: list[tuple[int, int]] = []
     keys: list[torch.Tensor] = []
     for row, example in enumerate(examples):
-        if len(example.images) != 1 or not example.labels[0].chars:
+        count = len(example.images)
+        if count != 1 and not pairs:
             continue
-        labels = example.labels[0]
-        word = [char_ids.get(char) for char, _ in labels.chars]
-        if any(token is None for token in word):
+        words = [
+            [char_ids.get(char) for char, _ in labels.chars] if labels.chars else None
+            for labels in example.labels
+        ]
+        if all(word is None for word in words):
             continue
         where = (input_ids[row] == image_token).nonzero()[:, 0]
-        if len(where) != grid * grid:
-            raise RuntimeError(f"row {row}: {len(where)} image tokens, grid {grid}")
-        size = labels.items.size
+        if len(where) != count * grid * grid:
+            raise RuntimeError(f"row {row}: {len(where)} image tokens, {count} x grid {grid}")
         for answer, start in zip(answers[row], starts[row], strict=True):
-            at = _find(answer, word)
-            if at is None:
-                continue
-            for k, (_, box) in enumerate(labels.chars):
-                mask = torch.zeros(input_ids.shape[1], dtype=torch.bool)
-                mask[where[char_cells(box, size, grid)]] = True
-                queries.append((row, start + at + k - 1))
-                keys.append(mask)
+            after = 0
+            for k, (word, labels) in enumerate(zip(words, example.labels, strict=True)):
+                if word is None or any(token is None for token in word):
+                    continue
+                # one image: the word where it last occurs (as before pairs were read); a pair:
+                # each image's word after the one before it, so the first image's comes first
+                at = _find(answer, word) if count == 1 else _find_from(answer, word, after)
+                if at is None:
+                    continue
+                after = at + len(word)
+                own = where[k * grid * grid : (k + 1) * grid * grid]
+                for j, (_, box) in enumerate(labels.chars):
+                    mask = torch.zeros(input_ids.shape[1], dtype=torch.bool)
+                    mask[own[char_cells(box, labels.items.size, grid)]] = True
+                    queries.append((row, start + at + j - 1))
+                    keys.append(mask)
     if not queries:
         return torch.zeros(0, 2, dtype=torch.long), torch.zeros(
             0, input_ids.shape[1], dtype=torch.bool
         )
     return torch.tensor(queries, dtype=torch.long), torch.stack(keys)
+
+
+def _find_from(tokens: list[int], word: list[int | None], after: int) -> int | None:
+    """Where `word` first occurs in `tokens` at or after `after`, if it does."""
+    n = len(word)
+    for at in range(after, len(tokens) - n + 1):
+        if tokens[at : at + n] == word:
+            return at
+    return None
 
 
 def _find(tokens: list[int], word: list[int | None]) -> int | None:

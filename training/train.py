@@ -143,11 +143,13 @@ def collate(
     size: Size = SIZE,
     slots: bool = False,
     char_rows: int = patches.ROWS,
+    read_pairs: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Tokenize whole chats; the loss is on the answers (each with its end token) only. `size`
     is the model's: its input and patch sizes place the read-outs' targets; `slots`: the image
     tokens' targets number the printed characters too (`patches.SLOTS`); `columns` and
-    `char_rows`: the character read-out's cells a patch, across and down."""
+    `char_rows`: the character read-out's cells a patch, across and down; `read_pairs`: the
+    reading look-up is asked of two-image descriptions too (`lookup.read_targets`)."""
     texts, images, answers = [], [], []
     tokenizer = processor.tokenizer
     for ex in examples:
@@ -206,6 +208,7 @@ def collate(
         char_ids(tokenizer),
         side // token,
         image_token,
+        pairs=read_pairs,
     )
     # where each shape is among the image tokens, for the look-ups of a description
     token_items = torch.stack(
@@ -282,8 +285,10 @@ class Batches(IterableDataset[dict[str, torch.Tensor]]):
         text_anywhere: float = 0.0,
         text_drift: float = 0.0,
         char_rows: int = patches.ROWS,
+        read_pairs: bool = False,
     ) -> None:
         self.processor = processor
+        self.read_pairs = read_pairs
         self.char_rows = char_rows
         self.text_anywhere = text_anywhere
         self.text_drift = text_drift
@@ -344,6 +349,7 @@ class Batches(IterableDataset[dict[str, torch.Tensor]]):
                 self.size,
                 self.slots,
                 char_rows=self.char_rows,
+                read_pairs=self.read_pairs,
             )
 
 
@@ -371,6 +377,7 @@ def run_batches(
         args.text_anywhere,
         args.text_drift,
         args.char_rows,
+        args.read_pairs,
     )
 
 
@@ -515,6 +522,7 @@ def model_card(
         )
         + (f" --text-drift {drift}" if (drift := getattr(args, "text_drift", 0)) else "")
         + (f" --char-rows {char_rows}" if (char_rows := getattr(args, "char_rows", 1)) > 1 else "")
+        + (" --read-pairs" if getattr(args, "read_pairs", False) else "")
         + ("" if pinned else " --no-pin-math")
         + (f" --init-from {init}" if (init := getattr(args, "init_from", None)) else "")
     )
@@ -547,7 +555,13 @@ def model_card(
             "Where an answer spells a printed word out, another head of that layer (head "
             f"{lookup.READ_HEAD + 1}) is trained, at the position that predicts each character, to "
             "look at the image tokens where that character is printed (weight "
-            f"{args.read_weight}; `lookup.read_targets`). "
+            f"{args.read_weight}; `lookup.read_targets`)"
+            + (
+                ", in descriptions of two images too, each image's word from its own tokens"
+                if getattr(args, "read_pairs", False)
+                else ""
+            )
+            + ". "
             if args.read_weight
             else ""
         )
@@ -826,6 +840,12 @@ def command_line() -> argparse.ArgumentParser:
         help="weight of the reading look-up loss (`lookup.read_targets`): another head of the "
         "same layer, where each character of a printed word is spelled in an answer, trained to "
         "look at the image tokens where that character is printed (0: off)",
+    )
+    parser.add_argument(
+        "--read-pairs",
+        action="store_true",
+        help="ask the reading look-up of two-image descriptions too, each image's word from "
+        "its own image tokens (unset: single images only, as the shipped run)",
     )
     parser.add_argument(
         "--item-weight",
