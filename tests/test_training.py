@@ -524,7 +524,7 @@ def test_character_cells_can_split_a_patch_from_top_to_bottom_too() -> None:
     whole = chars(0.0, 1)
     assert set(whole.unique().tolist()) == set(top.unique().tolist())
     # the read-out learns every cell: columns x rows classifications a patch
-    heads = PatchHeads(8, ("char",), columns=4, glyph_weight=1.0, char_rows=2)
+    heads = PatchHeads(8, ("char",), columns=4, glyph_weight=1.0, rows=2)
     assert heads.heads["char"].out_features == 8 * patches.HEADS["char"]
     heads.seen = torch.randn(1, 64, 8, requires_grad=True)
     scene = world.Scene((world.Item("circle", "red"),), "GO", 512, 512, "plain")

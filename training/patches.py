@@ -158,7 +158,7 @@ class PatchHeads(torch.nn.Module):
         names: tuple[str, ...] = ("shape", "color", "char"),
         columns: int = COLUMNS,
         glyph_weight: float = 0.0,
-        char_rows: int = ROWS,
+        rows: int = ROWS,
     ) -> None:
         super().__init__()
         self.names = names
@@ -166,7 +166,7 @@ class PatchHeads(torch.nn.Module):
         # `glyph_weight` adds the cross-entropy over the strips that do hold one: which glyph.
         self.glyph_weight = glyph_weight
         # target rows per read-out
-        self.cells = columns * char_rows
+        self.cells = columns * rows
         self.width = {"shape": 1, "color": 1, "char": self.cells, "slot": SLOTS}
         self.heads = torch.nn.ModuleDict(
             {n: torch.nn.Linear(hidden, self.width[n] * HEADS[n]) for n in names}

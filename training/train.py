@@ -1039,7 +1039,7 @@ def main() -> None:
         size.vision_hidden,
         columns=args.char_columns,
         glyph_weight=args.glyph_weight,
-        char_rows=args.char_rows,
+        rows=args.char_rows,
     )
     heads.attach(model.model.vision_model)
     token_names: tuple[str, ...] = (
@@ -1052,7 +1052,7 @@ def main() -> None:
         token_names,
         columns=args.char_columns,
         glyph_weight=args.glyph_weight,
-        char_rows=args.char_rows,
+        rows=args.char_rows,
     )
     token_heads.attach(model.model.connector)
     readout = lookup.ColourReadout(size.hidden)
