@@ -281,10 +281,9 @@ def read_targets(
         count = len(example.images)
         if count != 1 and not pairs:
             continue
-        words = [
-            [char_ids.get(char) for char, _ in labels.chars] if labels.chars else None
-            for labels in example.labels
-        ]
+        # each image's word as tokens; None where it has none, or a character with no token
+        spelled = [[char_ids.get(char) for char, _ in labels.chars] for labels in example.labels]
+        words = [w if w and None not in w else None for w in spelled]
         if all(word is None for word in words):
             continue
         where = (input_ids[row] == image_token).nonzero()[:, 0]
@@ -293,7 +292,7 @@ def read_targets(
         for answer, start in zip(answers[row], starts[row], strict=True):
             after = 0
             for k, (word, labels) in enumerate(zip(words, example.labels, strict=True)):
-                if word is None or any(token is None for token in word):
+                if word is None:
                     continue
                 # one image: the word where it last occurs (as before pairs were read); a pair:
                 # each image's word after the one before it, so the first image's comes first
