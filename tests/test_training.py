@@ -1193,6 +1193,28 @@ def test_a_deeper_or_wider_tower_is_built_and_named_on_the_card() -> None:
     assert "--vision-width" not in model_card(1, args, 1.0, 0.5, SIZE)
 
 
+def test_a_deeper_language_model_is_built_and_named_on_the_card() -> None:
+    import argparse
+
+    from training.train import SIZE, build, command_line, model_card, model_size
+
+    size = model_size(command_line().parse_args(["--out", "unused", "--text-layers", "4"]))
+    assert size.layers == 4 and size.layers != SIZE.layers
+    assert (size.hidden, size.vision_layers) == (SIZE.hidden, SIZE.vision_layers)
+    model, _ = build(0, size)
+    assert len(model.model.text_model.layers) == 4
+    assert model.config.text_config.num_hidden_layers == 4
+    assert len(build(0)[0].model.text_model.layers) == SIZE.layers
+    args = argparse.Namespace(
+        steps=10, batch_size=4, lr=1e-3, seed=0, char_columns=4, token_chars=True,
+        glyph_weight=1.0, tower_steps=0, draw_max=256, attend_weight=0.1, colour_weight=0.3,
+        read_weight=0.1, made_faces=0.0, real_faces=0.0, char_slots=False, pin_math=True,
+        init_from=None, bf16=False, warmup=200, patch_weight=1.0, threads=2,
+    )  # fmt: skip
+    assert "--text-layers 4" in model_card(1, args, 1.0, 0.5, size)
+    assert "--text-layers" not in model_card(1, args, 1.0, 0.5, SIZE)
+
+
 def test_the_data_worker_draws_at_the_lowest_priority() -> None:
     """Batches are drawn in a worker process beside the step's two threads; at equal priority
     it stalls them, so `background` (the loader's worker_init_fn) lowers it to the lowest."""

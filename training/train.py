@@ -487,6 +487,7 @@ def model_card(
             if size.vision_hidden != SIZE.vision_hidden
             else ""
         )
+        + (f" --text-layers {size.layers}" if size.layers != SIZE.layers else "")
         + (f" --colour-weight {args.colour_weight}" if args.colour_weight else "")
         + (f" --read-weight {args.read_weight}" if args.read_weight else "")
         + (" --char-slots" if getattr(args, "char_slots", False) else "")
@@ -963,6 +964,13 @@ def command_line() -> argparse.ArgumentParser:
         "width)",
     )
     parser.add_argument(
+        "--text-layers",
+        type=int,
+        default=SIZE.layers,
+        help="the language model's depth (the look-ups stay in its second layer, "
+        "lookup.LAYER; at the default size a fourth layer makes a step about a quarter longer)",
+    )
+    parser.add_argument(
         "--init-from",
         type=Path,
         default=None,
@@ -1005,6 +1013,7 @@ def model_size(args: argparse.Namespace) -> Size:
         vision_layers=args.vision_layers,
         vision_hidden=args.vision_width,
         vision_heads=args.vision_width // VISION_HEAD,
+        layers=args.text_layers,
     )
 
 
