@@ -298,8 +298,9 @@ def has_avx2() -> bool:
 )
 def test_the_documented_command_retrains_the_shipped_model_step_for_step(tmp_path: Path) -> None:
     """Retraining from scratch with the documented command must reproduce the shipped model. A
-    run computes with ATen, MKL and oneDNN held at their AVX2 code paths, so that the floats are
-    summed in the same order: on AMD EPYCs with and without AVX-512 the first 50 steps log the
+    run computes with ATen, MKL and oneDNN held at their AVX2 code paths (MKL at its AVX-512 path
+    on Intel CPUs that have it, `train.pinned_math`), so that the floats are summed in the same
+    order: on AMD EPYCs with and without AVX-512 the first 50 steps log the
     very losses the shipped run logged, and whole runs wrote the same weights byte for byte. An
     Intel Xeon (Sapphire Rapids) under the same pins sums a few products in another order (the
     losses part in the ninth digit by step 50, and by the third at step 250: a whole run of the

@@ -1053,18 +1053,43 @@ def test_a_run_pins_its_kernels_by_running_again_with_them(
         calls.append((path, argv, env))
 
     monkeypatch.setattr(os, "execve", execve)
-    for name in train.PINNED_MATH:
+    pinned = train.pinned_math()
+    for name in pinned:
         monkeypatch.delenv(name, raising=False)
     train.pin_math(["--out", "x", "--steps", "5"])
     ((path, argv, env),) = calls
     assert path == sys.executable
     assert argv == [sys.executable, "-m", "training.train", "--out", "x", "--steps", "5"]
-    assert {k: env[k] for k in train.PINNED_MATH} == train.PINNED_MATH
+    assert {k: env[k] for k in pinned} == pinned
     assert env["PATH"] == os.environ["PATH"]  # the rest of the environment goes along
-    for name, value in train.PINNED_MATH.items():
+    for name, value in pinned.items():
         monkeypatch.setenv(name, value)
     train.pin_math(["--out", "x"])  # already pinned: no second run
     assert len(calls) == 1
+
+
+def test_mkl_takes_its_avx512_path_on_intel_cpus_that_have_it_and_avx2_elsewhere() -> None:
+    from training import train
+
+    avx512 = "fpu sse avx avx2 fma avx512f avx512dq avx512cd avx512bw avx512vl"
+
+    def cpu(vendor: str, flags: str) -> str:
+        # /proc/cpuinfo repeats its block per core; the first block is read
+        block = f"processor\t: 0\nvendor_id\t: {vendor}\ncpu family\t: 6\nflags\t\t: {flags}\n"
+        return block + block.replace(": 0", ": 1")
+
+    intel = train.pinned_math(cpu("GenuineIntel", avx512))
+    assert intel == {**train.PINNED_MATH, "MKL_CBWR": "AVX512"}
+    assert intel["ATEN_CPU_CAPABILITY"] == "avx2" and intel["ONEDNN_MAX_CPU_ISA"] == "AVX2"
+    # AMD EPYCs with and without AVX-512 stay on the one AVX2 path they agree on byte for byte
+    assert train.pinned_math(cpu("AuthenticAMD", avx512)) == train.PINNED_MATH
+    assert train.pinned_math(cpu("AuthenticAMD", "fpu sse avx avx2 fma")) == train.PINNED_MATH
+    # an Intel CPU short of any flag MKL's AVX-512 path needs, or without AVX-512 at all
+    assert train.pinned_math(cpu("GenuineIntel", avx512.replace(" avx512vl", ""))) == (
+        train.PINNED_MATH
+    )
+    assert train.pinned_math(cpu("GenuineIntel", "fpu sse avx avx2 fma")) == train.PINNED_MATH
+    assert train.pinned_math("") == train.PINNED_MATH
 
 
 def test_a_snapshot_mid_run_leaves_the_model_training_on_the_eager_attention(

@@ -51,18 +51,43 @@ EOS = "<end_of_utterance>"
 # kernels and MKL's and oneDNN's code paths otherwise follow the CPU (AVX-512 here, AVX2 there),
 # and their float sums differ in the last bits, which a long run grows into other weights.
 PINNED_MATH = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+# MKL's AVX-512 path asks for these (Skylake-SP and later). On an Intel Xeon that has them, MKL
+# held at AVX2 made the shipped command's steps a fifth to a third slower, and its losses no
+# closer to the AMD-trained shipped run's (training/README.md, "The pins on an Intel Xeon").
+MKL_AVX512 = {"avx512f", "avx512cd", "avx512bw", "avx512dq", "avx512vl"}
+
+
+def pinned_math(cpuinfo: str | None = None) -> dict[str, str]:
+    """The pinned kernels for this machine (`cpuinfo`: /proc/cpuinfo's text): `PINNED_MATH`,
+    but on an Intel CPU with AVX-512 MKL held at its AVX-512 path instead, one path still for
+    every such CPU. AMD CPUs keep MKL at AVX2, where it is as fast (MKL takes no AVX-512 path on
+    them) and where runs with and without AVX-512 agree byte for byte."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text(errors="replace")
+        except OSError:
+            cpuinfo = ""
+    fields: dict[str, str] = {}
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    flags = set(fields.get("flags", "").split())
+    if fields.get("vendor_id") == "GenuineIntel" and flags >= MKL_AVX512:
+        return {**PINNED_MATH, "MKL_CBWR": "AVX512"}
+    return dict(PINNED_MATH)
 
 
 def pin_math(argv: list[str]) -> None:
-    """Run again in a fresh interpreter with `PINNED_MATH` set, unless it is set already (the
+    """Run again in a fresh interpreter with `pinned_math()` set, unless it is set already (the
     variables are read when torch loads, so they cannot be set after)."""
-    if all(os.environ.get(k) == v for k, v in PINNED_MATH.items()):
+    pinned = pinned_math()
+    if all(os.environ.get(k) == v for k, v in pinned.items()):
         return
     sys.stdout.flush()
     os.execve(
         sys.executable,
         [sys.executable, "-m", "training.train", *argv],
-        {**os.environ, **PINNED_MATH},
+        {**os.environ, **pinned},
     )
 
 
@@ -528,10 +553,14 @@ def model_card(
         + (f" --init-from {init}" if (init := getattr(args, "init_from", None)) else "")
     )
     kernels = (
-        "ATen, MKL and oneDNN held at their AVX2 kernels (`PINNED_MATH`: the same weights on "
+        "the CPU's own kernels (`--no-pin-math`: another CPU may give other weights)"
+        if not pinned
+        else "ATen and oneDNN held at their AVX2 kernels and MKL at its AVX-512 path (an Intel "
+        "CPU with AVX-512, `pinned_math`: Intel Xeons part from the AMD EPYCs' weights after "
+        "200 steps)"
+        if os.environ.get("MKL_CBWR") == "AVX512"
+        else "ATen, MKL and oneDNN held at their AVX2 kernels (`PINNED_MATH`: the same weights on "
         "AMD EPYCs with and without AVX-512; an Intel Xeon parts from them after 200 steps)"
-        if pinned
-        else "the CPU's own kernels (`--no-pin-math`: another CPU may give other weights)"
     )
     look_up = (
         (
@@ -993,10 +1022,11 @@ def command_line() -> argparse.ArgumentParser:
         "--pin-math",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="compute with the AVX2 kernels on every machine (PINNED_MATH), so that a run "
-        "gives the same weights on every machine measured of one vendor with 2 threads (AMD "
-        "EPYCs with and without AVX-512 agree byte for byte; an Intel Xeon parts from them "
-        "after 200 steps; --no-pin-math: the CPU's own kernels, not reproducible across machines)",
+        help="compute with the AVX2 kernels on every machine (PINNED_MATH; MKL at its AVX-512 "
+        "path on Intel CPUs that have it), so that a run gives the same weights on every "
+        "machine measured of one vendor with 2 threads (AMD EPYCs with and without AVX-512 "
+        "agree byte for byte; an Intel Xeon parts from them after 200 steps; --no-pin-math: "
+        "the CPU's own kernels, not reproducible across machines)",
     )
     return parser
 
