@@ -52,16 +52,17 @@ EOS = "<end_of_utterance>"
 # and their float sums differ in the last bits, which a long run grows into other weights.
 PINNED_MATH = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
 # MKL's AVX-512 path asks for these (Skylake-SP and later). On an Intel Xeon that has them, MKL
-# held at AVX2 made the shipped command's steps a fifth to a third slower, and its losses no
-# closer to the AMD-trained shipped run's (training/README.md, "The pins on an Intel Xeon").
+# held at AVX2 made the shipped command's steps take 14-26% longer, and its losses no closer
+# to the AMD-trained shipped run's (training/README.md, "The pins on an Intel Xeon").
 MKL_AVX512 = {"avx512f", "avx512cd", "avx512bw", "avx512dq", "avx512vl"}
 
 
 def pinned_math(cpuinfo: str | None = None) -> dict[str, str]:
     """The pinned kernels for this machine (`cpuinfo`: /proc/cpuinfo's text): `PINNED_MATH`,
     but on an Intel CPU with AVX-512 MKL held at its AVX-512 path instead, one path still for
-    every such CPU. AMD CPUs keep MKL at AVX2, where it is as fast (MKL takes no AVX-512 path on
-    them) and where runs with and without AVX-512 agree byte for byte."""
+    every such CPU. AMD CPUs keep MKL at AVX2: there the pinned run was the faster (2.2 steps/s
+    against 1.65 on an AMD EPYC with AVX-512), and runs with and without AVX-512 agree byte for
+    byte."""
     if cpuinfo is None:
         try:
             cpuinfo = Path("/proc/cpuinfo").read_text(errors="replace")
