@@ -104,8 +104,15 @@ def _cover(labels: world.Labels, count: int, size: int, patch: int) -> np.ndarra
     """(count, grid * grid): how much of each patch each of the scene's `count` shapes covers."""
     grid = size // patch
     items = np.asarray(labels.items.resize((size, size), Image.Resampling.NEAREST))
-    blocks = items.reshape(grid, patch, grid, patch).transpose(0, 2, 1, 3).reshape(grid * grid, -1)
-    return np.stack([(blocks == k + 1).mean(axis=1) for k in range(count)])
+    # each shape's pixels in each patch, counted down the patch's rows and then across them: a
+    # whole count over the patch's pixels is what `(blocks == k + 1).mean(axis=1)` gave, to the
+    # bit, at half its cost (each patch's counts fit 16 bits up to 255 px patches)
+    hot = (items[None] == np.arange(1, count + 1, dtype=np.uint8)[:, None, None]).view(np.uint8)
+    wide = np.uint16 if patch < 256 else np.uint32
+    down = hot.reshape(count, grid, patch, size).sum(axis=2, dtype=wide)
+    counts = down.reshape(count, grid, grid, patch).sum(axis=3, dtype=wide)
+    cover: np.ndarray = counts.reshape(count, grid * grid) / (patch * patch)
+    return cover
 
 
 def item_map(scene: world.Scene, labels: world.Labels, size: int, patch: int) -> np.ndarray:

@@ -28,7 +28,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset
 
 from oculo.testing.checkpoints import Size, build_tokenizer, idefics3_parts
-from training import lookup, patches, world
+from training import lookup, patches, pixels, world
 from training.data import MULTI_RATE, MULTI_TURNS, SYSTEM_RATE, TRAIN_MIX, Example, make_chat
 
 SIZE = Size(
@@ -50,7 +50,16 @@ EOS = "<end_of_utterance>"
 # The kernels a run computes with, the same on every x86-64 machine with AVX2: ATen's vectorised
 # kernels and MKL's and oneDNN's code paths otherwise follow the CPU (AVX-512 here, AVX2 there),
 # and their float sums differ in the last bits, which a long run grows into other weights.
-PINNED_MATH = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+# MKL_DYNAMIC and OMP_DYNAMIC: Intel's conditions for MKL to sum the same way from run to run
+# (the thread count fixed; one of ten short runs on an Intel Xeon parted from the others in the
+# eighth digit by step 50 without them; with them the shipped run's losses are unchanged).
+PINNED_MATH = {
+    "ATEN_CPU_CAPABILITY": "avx2",
+    "MKL_CBWR": "AVX2",
+    "ONEDNN_MAX_CPU_ISA": "AVX2",
+    "MKL_DYNAMIC": "FALSE",
+    "OMP_DYNAMIC": "FALSE",
+}
 # MKL's AVX-512 path asks for these (Skylake-SP and later). On an Intel Xeon that has them, MKL
 # held at AVX2 made the shipped command's steps take 14-26% longer, and its losses no closer
 # to the AMD-trained shipped run's (training/README.md, "The pins on an Intel Xeon").
@@ -240,7 +249,9 @@ def collate(
     token_items = torch.stack(
         [patches.item_cells(scene, label, side, token) for scene, label in drawn]
     )
-    pieces = {t: tokenizer.decode([t]) for spans in answers for a in spans for t in a}
+    # each token once, in order of first use (decoding every use cost 9 ms a batch)
+    used = dict.fromkeys(t for spans in answers for a in spans for t in a)
+    pieces = {t: tokenizer.decode([t]) for t in used}
     out["item_query"], out["item_keys"], out["item_colour"], out["item_shape"] = (
         lookup.item_targets(
             examples, batch["input_ids"], starts, answers, pieces, token_items, image_token
@@ -337,6 +348,8 @@ class Batches(IterableDataset[dict[str, torch.Tensor]]):
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         singles: list[world.QuestionType] = [k for k in self.mix if k != "pair"]
         weights = [self.mix[k] for k in singles]
+        # the same pixels as the processor's own, made cheaper (`pixels.SquarePixels`)
+        processor = pixels.square_inputs(self.processor)
         for step in range(self.start, self.stop):
             rng = random.Random(f"{self.seed}:{step}")
             # Two-image examples are twice as long: batching them apart saves the padding.
@@ -370,7 +383,7 @@ class Batches(IterableDataset[dict[str, torch.Tensor]]):
             ]
             yield collate(
                 examples,
-                self.processor,
+                processor,
                 self.columns,
                 self.size,
                 self.slots,

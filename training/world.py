@@ -13,6 +13,7 @@ Everything is driven by a `random.Random`, so a seed reproduces a data set exact
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 import random
@@ -258,6 +259,19 @@ def _layout(
     return boxes
 
 
+@functools.cache
+def _bitmap_face() -> ImageFont.ImageFont:
+    """Pillow's 6x11 bitmap face, loaded once (each load decodes it again: 5 ms a batch)."""
+    return ImageFont.load_default_imagefont()
+
+
+@functools.lru_cache(maxsize=128)
+def _pillow_face(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+    """Pillow's own FreeType face at `size` px, loaded once a size: drawing with it is the
+    same either way."""
+    return ImageFont.load_default(size=size)
+
+
 def _glyphs(
     text: str, font: ImageFont.FreeTypeFont | ImageFont.ImageFont, stroke: int = 0
 ) -> tuple[Image.Image, list[tuple[float, float]]]:
@@ -297,7 +311,7 @@ def _draw_text(
         # anywhere from 60 to 100% of what the band allows, now and then squeezed or stretched,
         # blown up blocky (nearest neighbour) or smooth (bilinear). ("alt" draws this face too,
         # its own way: the largest whole size that fits, never squeezed, always blocky.)
-        mask, spans = _glyphs(scene.text, ImageFont.load_default_imagefont())
+        mask, spans = _glyphs(scene.text, _bitmap_face())
         scale_y = band_h * 0.8 * rng.uniform(0.6, 1.0) / mask.height
         scale_x = scale_y * (rng.uniform(0.8, 1.25) if rng.random() < 0.5 else 1.0)
         fit = min(1.0, width * 0.95 / (mask.width * scale_x))
@@ -324,7 +338,7 @@ def _draw_text(
         pixel = pixel if px // pixel >= 10 else 1
         stroke = 1 if rng.random() < 0.2 else 0
         em = max(6, px // pixel)
-        typeface = ImageFont.load_default(size=em) if face is None else fonts.font(face, em)
+        typeface = _pillow_face(em) if face is None else fonts.font(face, em)
         mask, spans = _glyphs(scene.text, typeface, stroke)
         squeeze = rng.uniform(0.85, 1.15) if rng.random() < 0.3 else 1.0
         scale_x, scale_y = pixel * squeeze, float(pixel)
@@ -333,7 +347,7 @@ def _draw_text(
         resample = Image.Resampling.NEAREST if pixel > 1 else Image.Resampling.BILINEAR
     else:
         # alt: the 6x11 bitmap font, drawn small and scaled up with nearest neighbour
-        mask, spans = _glyphs(scene.text, ImageFont.load_default_imagefont())
+        mask, spans = _glyphs(scene.text, _bitmap_face())
         scale = max(1.0, min(band_h * 0.8 / mask.height, width * 0.9 / mask.width))
         scale_x = scale_y = scale
         resample = Image.Resampling.NEAREST
