@@ -1,6 +1,7 @@
 """What drawing a training batch costs, the plain way and the cheaper way, side by side.
 
     .venv/bin/python -m benchmarks.training_draw [--rounds 6] [--batches 20]
+    .venv/bin/python -m benchmarks.training_draw --steps 60 [--rounds 2]
 
 The shipped command's batches (training/README.md's first command), drawn in one process on one
 thread by turns: `--batches` consecutive batches the plain way, the next as many the cheaper
@@ -9,6 +10,11 @@ the image processor's own pixels, each shape's patch cover as the mean of a comp
 built-in faces loaded for every word. Both ways' batches are hashed, tensor by tensor, and must
 agree. Reports CPU milliseconds a batch (process time: the machine's other tenants move wall
 time more) and their ratio.
+
+With `--steps N`: what the drawing costs the training step. The shipped command runs `N` steps
+(`--stop-after`) by turns as it trains (a worker drawing beside the step) and with every batch
+drawn before its clock starts (`--draw-first`), `--rounds` times; the steps a second of each
+and their ratio.
 """
 
 from __future__ import annotations
@@ -17,6 +23,9 @@ import argparse
 import hashlib
 import platform
 import re
+import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -60,11 +69,46 @@ def use(ways: Ways) -> None:
     pixels.square_inputs, patches._cover, world._bitmap_face, world._pillow_face = ways  # type: ignore[assignment]
 
 
+def steps_a_second(steps: int, *extra: str) -> float:
+    """The shipped command's rate over its first `steps` steps, as its own log says it."""
+    with tempfile.TemporaryDirectory() as out:
+        argv = [*shipped_args(), "--out", out, "--stop-after", str(steps), *extra]
+        run = subprocess.run(
+            [sys.executable, "-m", "training.train", *argv],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+    found = re.search(r"stopped after \d+ steps: ([0-9.]+) steps/s", run.stdout)
+    assert found, run.stdout[-2000:]
+    return float(found.group(1))
+
+
+def compare_steps(steps: int, rounds: int) -> None:
+    rates: dict[str, list[float]] = {"drawn by the worker": [], "drawn first": []}
+    for _ in range(rounds):
+        rates["drawn by the worker"].append(steps_a_second(steps))
+        rates["drawn first"].append(steps_a_second(steps, "--draw-first"))
+    print(f"machine: {train.cpu_name()}; {steps} steps a run, {rounds} runs each, by turns")
+    print("| batches | steps/s, each run | mean |")
+    print("|---|---|---|")
+    for name, got in rates.items():
+        runs = " / ".join(f"{r:.2f}" for r in got)
+        print(f"| {name} | {runs} | {sum(got) / len(got):.3f} |")
+    worker, first = (sum(v) / len(v) for v in rates.values())
+    print(f"drawn first / by the worker: {first / worker:.3f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--batches", type=int, default=20)
+    parser.add_argument("--steps", type=int, default=0, help="time training steps instead")
     opts = parser.parse_args()
+    if opts.steps:
+        compare_steps(opts.steps, opts.rounds)
+        return
     args = train.command_line().parse_args([*shipped_args(), "--out", "unused"])
     torch.set_num_threads(1)
     size = train.model_size(args)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -145,3 +146,36 @@ def test_a_shapes_cover_of_each_patch_is_its_pixels_mean_to_the_bit() -> None:
     cover = patches._cover(world.Labels(items, []), 1, 160, 8)
     grid = cover.reshape(20, 20)
     assert (grid[:, 0] == 1.0).all() and (grid[:, 1] == 0.5).all() and (grid[:, 2:] == 0).all()
+
+
+def test_a_timed_run_can_draw_its_batches_first_and_computes_the_same(tmp_path: Path) -> None:
+    """`--draw-first` (benchmarks.training_draw --steps): every batch drawn before the clock
+    starts, so that the steps are timed with the drawing free; the run itself is the same."""
+    import json
+    import subprocess
+    import sys
+
+    root = Path(__file__).parents[1]
+    small = ["--batch-size", "2", "--image-size", "32", "--patch-size", "8", "--scale-factor",
+             "2", "--vision-layers", "1", "--vision-width", "32", "--text-layers", "1",
+             "--steps", "100", "--stop-after", "50", "--workers", "0"]  # fmt: skip
+
+    def run(out: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "training.train", *small, "--out", str(out), *extra],
+            cwd=root, capture_output=True, text=True, timeout=600,
+        )  # fmt: skip
+
+    plain, first = run(tmp_path / "plain"), run(tmp_path / "first", "--draw-first")
+    assert plain.returncode == first.returncode == 0, first.stderr[-2000:]
+    logs = [json.loads((tmp_path / n / "training_log.json").read_text())["log"]
+            for n in ("plain", "first")]  # fmt: skip
+    assert [{k: v for k, v in e.items() if k != "minutes"} for e in logs[0]] == [
+        {k: v for k, v in e.items() if k != "minutes"} for e in logs[1]
+    ]
+    # a whole run would hold every batch in memory: refused
+    whole = subprocess.run(
+        [sys.executable, "-m", "training.train", "--out", str(tmp_path / "w"), "--draw-first"],
+        cwd=root, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert whole.returncode == 2 and "--stop-after" in whole.stderr

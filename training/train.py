@@ -18,7 +18,7 @@ import platform
 import random
 import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -1031,6 +1031,12 @@ def command_line() -> argparse.ArgumentParser:
         help="run only the first N steps and write their training_log.json, no weights "
         "(reproducibility check)",
     )
+    parser.add_argument(
+        "--draw-first",
+        action="store_true",
+        help="with --probe or --stop-after: draw every batch before the clock starts, to time "
+        "the steps with the drawing free (benchmarks.training_draw --steps)",
+    )
     parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=False)
     parser.add_argument(
         "--pin-math",
@@ -1062,7 +1068,12 @@ def model_size(args: argparse.Namespace) -> Size:
 
 
 def main() -> None:
-    args = command_line().parse_args()
+    parser = command_line()
+    args = parser.parse_args()
+    if args.draw_first and not (args.probe or args.stop_after):
+        parser.error(
+            "--draw-first holds every batch in memory, for timing: give --probe or --stop-after"
+        )
     if args.pin_math:
         pin_math(sys.argv[1:])
     print(f"kernels: {torch.backends.cpu.get_cpu_capability()}", flush=True)
@@ -1077,16 +1088,17 @@ def main() -> None:
     params = sum(p.numel() for p in model.parameters())
     print(f"oculo-tiny: {params / 1e6:.2f}M parameters, {size}", flush=True)
     steps = 20 if args.probe else args.steps
-    loader = batch_loader(
-        run_batches(
-            args,
-            processor,
-            size,
-            # a run that goes on from a checkpoint draws batches that checkpoint never saw
-            f"{args.seed}:continued" if args.init_from else args.seed,
-            args.stop_after or steps,
-        ),
-        args.workers,
+    batches = run_batches(
+        args,
+        processor,
+        size,
+        # a run that goes on from a checkpoint draws batches that checkpoint never saw
+        f"{args.seed}:continued" if args.init_from else args.seed,
+        args.stop_after or steps,
+    )
+    # --draw-first: every batch held in memory, drawn before the clock starts (a short timed run)
+    loader: Iterable[dict[str, torch.Tensor]] = (
+        list(batches) if args.draw_first else batch_loader(batches, args.workers)
     )
     heads = patches.PatchHeads(
         size.vision_hidden,
