@@ -13,6 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
+from benchmarks.training_draw import plain_cover
 from training import patches, pixels, world
 from training.data import make_chat, make_example
 from training.train import SIZE, Batches, build, collate
@@ -118,14 +119,6 @@ def test_the_training_batches_are_drawn_with_the_cheaper_pixels_and_are_unchange
         _same(a, b)
 
 
-def _cover_by_definition(labels: Any, count: int, size: int, patch: int) -> np.ndarray:
-    """How much of each patch each shape covers, the plain way: its pixels' mean, patch by patch."""
-    grid = size // patch
-    items = np.asarray(labels.items.resize((size, size), Image.Resampling.NEAREST))
-    blocks = items.reshape(grid, patch, grid, patch).transpose(0, 2, 1, 3).reshape(grid * grid, -1)
-    return np.stack([(blocks == k + 1).mean(axis=1) for k in range(count)])
-
-
 def test_a_shapes_cover_of_each_patch_is_its_pixels_mean_to_the_bit() -> None:
     rng = random.Random(7)
     checked = 0
@@ -135,7 +128,7 @@ def test_a_shapes_cover_of_each_patch_is_its_pixels_mean_to_the_bit() -> None:
             for size, patch in ((160, 8), (160, 40), (128, 16), (128, 32), (96, 32)):
                 for count in range(1, len(scene.items) + 1):
                     ours = patches._cover(labels, count, size, patch)
-                    plain = _cover_by_definition(labels, count, size, patch)
+                    plain = plain_cover(labels, count, size, patch)
                     assert ours.dtype == plain.dtype and ours.shape == plain.shape
                     assert ours.tobytes() == plain.tobytes()
                     checked += 1

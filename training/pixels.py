@@ -41,8 +41,9 @@ class SquarePixels:
     the call is the processor's own."""
 
     def __init__(self, inner: Any) -> None:
-        wrong = {k: getattr(inner, k, None) for k, v in _SETTINGS.items()}
-        wrong = {k: v for k, v in wrong.items() if v != _SETTINGS[k]}
+        wrong = {
+            k: getattr(inner, k, None) for k, v in _SETTINGS.items() if getattr(inner, k, None) != v
+        }
         if wrong:
             raise ValueError(f"SquarePixels reproduces only {_SETTINGS}, not {wrong}")
         self.inner = inner
