@@ -3,7 +3,10 @@
 
 from __future__ import annotations
 
+import json
 import random
+import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -144,10 +147,6 @@ def test_a_shapes_cover_of_each_patch_is_its_pixels_mean_to_the_bit() -> None:
 def test_a_timed_run_can_draw_its_batches_first_and_computes_the_same(tmp_path: Path) -> None:
     """`--draw-first` (benchmarks.training_draw --steps): every batch drawn before the clock
     starts, so that the steps are timed with the drawing free; the run itself is the same."""
-    import json
-    import subprocess
-    import sys
-
     root = Path(__file__).parents[1]
     small = ["--batch-size", "2", "--image-size", "32", "--patch-size", "8", "--scale-factor",
              "2", "--vision-layers", "1", "--vision-width", "32", "--text-layers", "1",

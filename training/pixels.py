@@ -41,9 +41,7 @@ class SquarePixels:
     the call is the processor's own."""
 
     def __init__(self, inner: Any) -> None:
-        wrong = {
-            k: getattr(inner, k, None) for k, v in _SETTINGS.items() if getattr(inner, k, None) != v
-        }
+        wrong = {k: got for k, v in _SETTINGS.items() if (got := getattr(inner, k, None)) != v}
         if wrong:
             raise ValueError(f"SquarePixels reproduces only {_SETTINGS}, not {wrong}")
         self.inner = inner
