@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import itertools
 import random
 from pathlib import Path
 
@@ -1466,3 +1467,106 @@ def test_the_question_mix_can_be_set_and_the_batches_and_the_card_follow_it(
     assert "--mix describe=0.3,count=0.1,color=0.17,exists=0.17,text=0.18,pair=0.15" in card
     args.mix = dict(TRAIN_MIX)
     assert "--mix" not in model_card(1, args, 1.0, 0.5, SIZE)
+
+
+def test_a_fingerprint_names_the_first_module_whose_own_arithmetic_parts_two_runs(
+    small_parts: tuple[object, object],
+) -> None:
+    """`train.py --fingerprint`: two machines' first steps, compared module by module
+    (`training.fingerprint`), to find which library sums differently on another CPU vendor."""
+    import json
+
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    from training import fingerprint
+
+    config, processor = small_parts
+    examples = [make_example(random.Random(4), kind=k) for k in ("describe", "text")]
+    batch = collate(examples, processor)
+
+    def first_step(nudge: float) -> dict[str, object]:
+        torch.manual_seed(0)
+        model = AutoModelForImageTextToText.from_config(config)
+        with torch.no_grad():  # as another machine's matrix product might sum: a last bit off
+            model.model.connector.modality_projection.proj.weight[0, 0] += nudge
+        recorder = fingerprint.Recorder()
+        recorder.attach(model.named_modules())
+        recorder.active = True
+        out = model(**split_aids(batch)[0])
+        out.loss.backward()
+        recorder.detach()
+        grads = fingerprint.gradients(model.named_parameters())
+        written = fingerprint.fingerprint(batch, recorder, out.loss, grads, "test")
+        return json.loads(json.dumps(written))  # as the file is read back
+
+    a, again, nudged = first_step(0.0), first_step(0.0), first_step(1e-6)
+    assert a == again
+    assert fingerprint.parting(a, again)[2:4] == [
+        f"the batches are the same ({len(batch)} tensors)",
+        f"every module's output is the same ({len(a['modules'])} calls)",  # type: ignore[arg-type]
+    ]
+    lines = fingerprint.parting(a, nudged)
+    parted = [line for line in lines if line.startswith("call ")]
+    assert len(parted) == 1
+    assert (
+        "model.connector.modality_projection.proj (Linear): the same inputs, another output"
+        in (parted[0])
+    )
+    gradients = [line for line in lines if line.startswith("gradients: ")]
+    assert len(gradients) == 1 and not gradients[0].startswith("gradients: 0 "), gradients
+    redrawn = {**a, "batch": {**a["batch"], "pixel_values": "0" * 16}}  # type: ignore[dict-item]
+    assert fingerprint.parting(a, redrawn)[-1] == (
+        "the batches differ (pixel_values): the drawing parts them"
+    )
+
+
+def test_a_fingerprint_is_taken_of_a_short_run_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    from training import train
+
+    monkeypatch.setattr(sys, "argv", ["train", "--out", "x", "--fingerprint", "f.json"])
+    with pytest.raises(SystemExit):
+        train.main()
+
+
+def test_bucketed_batches_hold_the_same_chats_sorted_by_length_and_pad_less(
+    small_parts: tuple[object, object], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`train.py --bucket k`: the chats of k steps in a row, sorted by length and cut into k
+    batches again; a run stopped or started inside a group draws its steps the same."""
+    import training.train as train_module
+
+    _, processor = small_parts
+    reaches_batches_and_card("--bucket", 4)
+
+    def chats(**args: int) -> dict[int, list[Example]]:
+        drawn = train_module.Batches(processor, 0, 8, columns=1, draw_max=64, **args)  # type: ignore[arg-type]
+        return dict(drawn.chats(processor))
+
+    def said(batch: list[Example]) -> list[tuple[str, ...]]:
+        return sorted((e.kind, e.question, *(a for _, a in e.turns())) for e in batch)
+
+    plain, bucketed = chats(start=0, stop=8), chats(start=0, stop=8, bucket=4)
+    assert list(bucketed) == list(range(8))
+    for group in (range(0, 4), range(4, 8)):
+        assert sorted(t for s in group for t in said(plain[s])) == sorted(
+            t for s in group for t in said(bucketed[s])
+        )
+    assert any(said(plain[s]) != said(bucketed[s]) for s in range(8))
+
+    def lengths(batch: list[Example]) -> list[int]:
+        return [train_module.chat_length(e, processor) for e in batch]
+
+    for group in (range(0, 4), range(4, 8)):  # a group's batches are slices of one sorted list
+        spans = sorted((min(lengths(bucketed[s])), max(lengths(bucketed[s]))) for s in group)
+        assert all(hi <= lo for (_, hi), (lo, _) in itertools.pairwise(spans)), spans
+    padded = {
+        name: sum(len(b) * max(lengths(b)) - sum(lengths(b)) for b in run.values())
+        for name, run in (("plain", plain), ("bucketed", bucketed))
+    }
+    assert padded["bucketed"] < padded["plain"], padded
+    middle = chats(start=2, stop=6, bucket=4)
+    assert list(middle) == [2, 3, 4, 5]
+    assert all(said(middle[s]) == said(bucketed[s]) for s in middle)

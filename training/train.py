@@ -28,7 +28,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset
 
 from oculo.testing.checkpoints import Size, build_tokenizer, idefics3_parts
-from training import lookup, patches, pixels, world
+from training import fingerprint, lookup, patches, pixels, world
 from training.data import MULTI_RATE, MULTI_TURNS, SYSTEM_RATE, TRAIN_MIX, Example, make_chat
 
 SIZE = Size(
@@ -323,8 +323,10 @@ class Batches(IterableDataset[dict[str, torch.Tensor]]):
         text_drift: float = 0.0,
         char_rows: int = patches.ROWS,
         read_pairs: bool = False,
+        bucket: int = 1,
     ) -> None:
         self.processor = processor
+        self.bucket = bucket
         self.read_pairs = read_pairs
         self.char_rows = char_rows
         self.text_anywhere = text_anywhere
@@ -346,41 +348,9 @@ class Batches(IterableDataset[dict[str, torch.Tensor]]):
         self.stop = stop
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        singles: list[world.QuestionType] = [k for k in self.mix if k != "pair"]
-        weights = [self.mix[k] for k in singles]
         # the same pixels as the processor's own, made cheaper (`pixels.SquarePixels`)
         processor = pixels.square_inputs(self.processor)
-        for step in range(self.start, self.stop):
-            rng = random.Random(f"{self.seed}:{step}")
-            # Two-image examples are twice as long: batching them apart saves the padding.
-            kinds: list[world.QuestionType]
-            if rng.random() < self.mix["pair"]:
-                kinds = ["pair"] * self.batch_size
-            else:
-                kinds = rng.choices(singles, weights=weights, k=self.batch_size)
-            # One layout a batch (how many questions, whether a system message comes first):
-            # rows of one length pad little, and padding is most of a mixed batch's text.
-            turns = 1 if rng.random() >= MULTI_RATE else rng.randint(2, MULTI_TURNS)
-            system = rng.random() < SYSTEM_RATE
-            examples = [
-                make_chat(
-                    rng,
-                    kind,
-                    turns=turns,
-                    system=system,
-                    draw_max=self.draw_max,
-                    made_faces=self.made_faces,
-                    bitmap_face=self.bitmap_face,
-                    real_faces=self.real_faces,
-                    text_rate=self.text_rate,
-                    number_rate=self.number_rate,
-                    bitmap_numbers=self.bitmap_numbers,
-                    mix=self.mix,
-                    text_anywhere=self.text_anywhere,
-                    text_drift=self.text_drift,
-                )
-                for kind in kinds
-            ]
+        for _, examples in self.chats(processor):
             yield collate(
                 examples,
                 processor,
@@ -390,6 +360,70 @@ class Batches(IterableDataset[dict[str, torch.Tensor]]):
                 char_rows=self.char_rows,
                 read_pairs=self.read_pairs,
             )
+
+    def chats(self, processor: Any) -> Iterator[tuple[int, list[Example]]]:
+        """Each step's chats, uncollated. With `bucket` k above 1, the chats of k steps in a row
+        (steps gk to gk + k - 1, whatever the run's start and stop) are pooled, sorted by their
+        length in tokens and cut into k batches again, in an order drawn from the group's own
+        seed: the same chats, each batch of rows of about one length, so less padding."""
+        if self.bucket <= 1:
+            for step in range(self.start, self.stop):
+                yield step, self.draw(step)
+            return
+        for group in range(self.start - self.start % self.bucket, self.stop, self.bucket):
+            steps = range(group, group + self.bucket)
+            pooled = sorted(
+                (chat for step in steps for chat in self.draw(step)),
+                key=lambda chat: chat_length(chat, processor),
+            )
+            cut = [pooled[k : k + self.batch_size] for k in range(0, len(pooled), self.batch_size)]
+            random.Random(f"{self.seed}:bucket:{group}").shuffle(cut)
+            for step, examples in zip(steps, cut, strict=True):
+                if self.start <= step < self.stop:
+                    yield step, examples
+
+    def draw(self, step: int) -> list[Example]:
+        """Step `step`'s chats, drawn from its own seed."""
+        singles: list[world.QuestionType] = [k for k in self.mix if k != "pair"]
+        weights = [self.mix[k] for k in singles]
+        rng = random.Random(f"{self.seed}:{step}")
+        # Two-image examples are twice as long: batching them apart saves the padding.
+        kinds: list[world.QuestionType]
+        if rng.random() < self.mix["pair"]:
+            kinds = ["pair"] * self.batch_size
+        else:
+            kinds = rng.choices(singles, weights=weights, k=self.batch_size)
+        # One layout a batch (how many questions, whether a system message comes first):
+        # rows of one length pad little, and padding is most of a mixed batch's text.
+        turns = 1 if rng.random() >= MULTI_RATE else rng.randint(2, MULTI_TURNS)
+        system = rng.random() < SYSTEM_RATE
+        return [
+            make_chat(
+                rng,
+                kind,
+                turns=turns,
+                system=system,
+                draw_max=self.draw_max,
+                made_faces=self.made_faces,
+                bitmap_face=self.bitmap_face,
+                real_faces=self.real_faces,
+                text_rate=self.text_rate,
+                number_rate=self.number_rate,
+                bitmap_numbers=self.bitmap_numbers,
+                mix=self.mix,
+                text_anywhere=self.text_anywhere,
+                text_drift=self.text_drift,
+            )
+            for kind in kinds
+        ]
+
+
+def chat_length(chat: Example, processor: Any) -> int:
+    """A training chat's length in tokens, as `collate` makes its row (before padding)."""
+    text = processor.apply_chat_template(chat.messages(answered=True))
+    images = len(chat.images) * (int(processor.image_seq_len) + 3)  # and its wrapper tokens
+    tokens: list[int] = processor.tokenizer(text, add_special_tokens=False).input_ids
+    return len(tokens) + images
 
 
 def run_batches(
@@ -417,6 +451,7 @@ def run_batches(
         args.text_drift,
         args.char_rows,
         args.read_pairs,
+        args.bucket,
     )
 
 
@@ -563,6 +598,7 @@ def model_card(
         + (f" --text-drift {drift}" if (drift := getattr(args, "text_drift", 0)) else "")
         + (f" --char-rows {char_rows}" if (char_rows := getattr(args, "char_rows", 1)) > 1 else "")
         + (" --read-pairs" if getattr(args, "read_pairs", False) else "")
+        + (f" --bucket {bucket}" if (bucket := getattr(args, "bucket", 1)) > 1 else "")
         + ("" if pinned else " --no-pin-math")
         + (f" --init-from {init}" if (init := getattr(args, "init_from", None)) else "")
     )
@@ -716,7 +752,12 @@ for each token ({"shape, colour and characters" if args.token_chars else "shape 
 `training/patches.py`). {tower}{look_up}These are training aids, not saved: the checkpoint
 is a plain Idefics3 model. Half the training batches are chats of several questions about one
 image; the rows of a batch share one layout (one question or several, with or without a system
-message), so that they pad to similar lengths.
+message), so that they pad to similar lengths{
+        f", and the chats of {bucket} steps in a row are sorted by length and cut into batches "
+        "again"
+        if (bucket := getattr(args, "bucket", 1)) > 1
+        else ""
+    }.
 """
 
 
@@ -1020,6 +1061,13 @@ def command_line() -> argparse.ArgumentParser:
         help="start from this checkpoint's weights instead of random ones (built with the same "
         "--seed), on batches of their own: to try a change to the data in minutes",
     )
+    parser.add_argument(
+        "--bucket",
+        type=int,
+        default=1,
+        help="pool the chats of this many steps in a row, sort them by length and cut them into "
+        "batches again: less padding, each batch's rows of about one length (1: as drawn)",
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--probe", action="store_true", help="time 20 steps and stop")
@@ -1036,6 +1084,14 @@ def command_line() -> argparse.ArgumentParser:
         action="store_true",
         help="with --probe or --stop-after: draw every batch before the clock starts, to time "
         "the steps with the drawing free (benchmarks.training_draw --steps)",
+    )
+    parser.add_argument(
+        "--fingerprint",
+        type=Path,
+        default=None,
+        help="with --stop-after: write a digest of the first step, batch, every module's inputs "
+        "and output, loss and gradients, to this JSON file; `python -m training.fingerprint A B` "
+        "names where two machines' runs part",
     )
     parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=False)
     parser.add_argument(
@@ -1074,6 +1130,8 @@ def main() -> None:
         parser.error(
             "--draw-first holds every batch in memory, for timing: give --probe or --stop-after"
         )
+    if args.fingerprint and not args.stop_after:
+        parser.error("--fingerprint records the first step of a short run: give --stop-after")
     if args.pin_math:
         pin_math(sys.argv[1:])
     print(f"kernels: {torch.backends.cpu.get_cpu_capability()}", flush=True)
@@ -1137,6 +1195,22 @@ def main() -> None:
     optimizer = torch.optim.AdamW(
         [*model.parameters(), *aids], lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98)
     )
+    trained: dict[str, torch.nn.Module] = {
+        "model": model,
+        "patch_heads": heads,
+        "token_heads": token_heads,
+        "colour_readout": readout,
+    }
+    if kind_readout is not None:
+        trained["kind_readout"] = kind_readout
+    recorder = fingerprint.Recorder() if args.fingerprint else None
+    if recorder is not None:
+        recorder.attach(
+            (f"{where}.{name}" if name else where, module)
+            for where, whole in trained.items()
+            for name, module in whole.named_modules()
+        )
+    first: dict[str, Any] | None = None
     attend = bool(args.attend_weight or args.read_weight or args.item_weight)
     if attend:  # attention weights are only returned by the eager implementation
         model.model.text_model.config._attn_implementation = "eager"
@@ -1156,6 +1230,8 @@ def main() -> None:
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, steps, args.lr, args.warmup)
         inputs, aid = split_aids(batch)
+        if recorder is not None:
+            recorder.active = step == 0
         query, keys, colour = aid["lookup_query"], aid["lookup_keys"], aid["lookup_colour"]
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
             out = model(
@@ -1198,6 +1274,14 @@ def main() -> None:
                         total = total + args.item_readout_weight * said
         optimizer.zero_grad(set_to_none=True)
         total.backward()
+        if recorder is not None and step == 0:
+            grads = fingerprint.gradients(
+                (f"{where}.{name}", p)
+                for where, whole in trained.items()
+                for name, p in whole.named_parameters()
+            )
+            first = fingerprint.fingerprint(batch, recorder, total, grads, fingerprint.cpu_kind())
+            recorder.active = False
         torch.nn.utils.clip_grad_norm_([*model.parameters(), *aids], 1.0)
         optimizer.step()
         window.append(loss.item())
@@ -1250,6 +1334,9 @@ def main() -> None:
         if args.stop_after:  # the log, to set beside a whole run's: no weights are saved
             args.out.mkdir(parents=True, exist_ok=True)
             write_log(args, log)
+        if args.fingerprint and first is not None:
+            args.fingerprint.write_text(json.dumps(first, indent=1) + "\n")
+            print(f"fingerprint of the first step: {args.fingerprint}", flush=True)
         return
     save(model, processor, args.out)
     minutes = (time.perf_counter() - started) / 60
