@@ -243,16 +243,19 @@ def test_the_placement_diagnostic_moves_the_word_and_keeps_the_scene() -> None:
 def test_the_seed_scene_and_two_image_diagnostics_measure_the_shipped_model() -> None:
     """`training.evaluate --seed-scene`: the issue's picture in 12 drawings; the shipped model
     answers 'A blue star. The text says "GO".' to all 12.
-    `--pairs N`: two-image descriptions, 237 of 300 right whole (`--pairs 300`). Here 4 of 4:
-    the counts must add up, and most of the seed scene must be right."""
+    `--pairs N`: two-image descriptions on each set, 256 of 300 right whole on the held-out set
+    (`--pairs 300`). Here 4 a set: the counts must add up, and most of the seed scene must be
+    right."""
     from training.evaluate import pairs, seed_scene
 
     scene = asyncio.run(seed_scene(PACKAGED))
     assert scene["drawings"] == 12 == sum(scene["answers"].values())
     assert scene["blue_star"] >= 9 and scene["reads_go"] >= 9, scene
     report = asyncio.run(pairs(PACKAGED, 4, seed=0))
-    assert report["right"] + report["wrong_only_in_text"] + report["wrong_in_scene"] == 4
-    assert len(report["examples"]) == 4 - report["right"]
+    assert set(report) == {"held-out", "different"}
+    for summary in report.values():
+        assert summary["right"] + summary["wrong_only_in_text"] + summary["wrong_in_scene"] == 4
+        assert len(summary["examples"]) == 4 - summary["right"]
 
 
 def test_the_description_diagnostic_measures_the_shipped_models_shapes() -> None:

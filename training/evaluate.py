@@ -35,7 +35,7 @@ Scored as the reading rows are: the share read whole.
 `--seed-scene` asks the seed's question ("What is in this image?", after the seed's system
 message) about the issue's picture, a blue star and the text "GO", in 12 drawings (640x480,
 320x240, 1120x840 and 200x200, three seeds each), and counts the answers that name a blue star and
-those that read "GO". `--pairs N` asks for N two-image descriptions of the training routine and
+those that read "GO". `--pairs N` asks for N two-image descriptions on each set and
 counts those right whole, and of the wrong ones, those wrong only in a printed text (the scene
 described right, a word misread) and the rest (a shape, a colour or whether there is text).
 
@@ -296,25 +296,34 @@ def pair_mistake(got: str, want: str) -> str | None:
 
 
 async def pairs(model: Path, n: int, seed: int) -> dict[str, Any]:
-    """The two-image diagnostic (see the module's docstring)."""
-    rng = random.Random(f"pairs:{seed}")
-    verdicts: Counter[str | None] = Counter()
-    wrong: list[dict[str, str]] = []
-    async with served(model) as engine:
+    """The two-image diagnostic (see the module's docstring), on each set."""
+
+    def tally(rng: random.Random, style: world.Style) -> Iterator[tuple[Example, list[Any]]]:
         for _ in range(n):
-            example = make_example(rng, "train", "pair")
-            got = await answer(engine, example, through_server_media(example, rng, "train"))
-            verdict = pair_mistake(got, example.answer)
-            verdicts[verdict] += 1
-            if verdict and len(wrong) < 5:
-                wrong.append({"want": example.answer, "got": got})
-    return {
-        "n": n,
-        "right": verdicts[None],
-        "wrong_only_in_text": verdicts["text"],
-        "wrong_in_scene": verdicts["scene"],
-        "examples": wrong,
-    }
+            example = make_example(rng, style, "pair")
+            yield example, through_server_media(example, rng, style)
+
+    report: dict[str, Any] = {}
+    async with served(model) as engine:
+        for name, style in SETS.items():
+            # the held-out set's seed as before the different set was asked too: its counts stand
+            rng = random.Random(f"pairs:{seed}" if style == "train" else f"pairs:{seed}:{style}")
+            verdicts: Counter[str | None] = Counter()
+            wrong: list[dict[str, str]] = []
+            for example, images in tally(rng, style):
+                got = await answer(engine, example, images)
+                verdict = pair_mistake(got, example.answer)
+                verdicts[verdict] += 1
+                if verdict and len(wrong) < 5:
+                    wrong.append({"want": example.answer, "got": got})
+            report[name] = {
+                "n": n,
+                "right": verdicts[None],
+                "wrong_only_in_text": verdicts["text"],
+                "wrong_in_scene": verdicts["scene"],
+                "examples": wrong,
+            }
+    return report
 
 
 ITEM = re.compile(r"\b(?:a|an) (\w+) (\w+)")
