@@ -451,7 +451,7 @@ def run_batches(
         args.text_drift,
         args.char_rows,
         args.read_pairs,
-        args.bucket,
+        getattr(args, "bucket", 1),
     )
 
 
