@@ -104,18 +104,24 @@ def gradients(named: Iterable[tuple[str, torch.nn.Parameter]]) -> dict[str, str]
     return {name: "none" if p.grad is None else digest([p.grad]) for name, p in named}
 
 
-def cpu_kind(cpuinfo: str | None = None) -> str:
-    """The CPU as its vendor, family and model (/proc/cpuinfo's first processor), and whether
-    it has AVX-512: what chooses the kernels' code paths."""
+def cpu_fields(cpuinfo: str | None = None) -> dict[str, str]:
+    """/proc/cpuinfo's fields for its first processor (`cpuinfo`: its text; none if unreadable)."""
     if cpuinfo is None:
         try:
             cpuinfo = Path("/proc/cpuinfo").read_text(errors="replace")
         except OSError:
-            return "an unknown CPU"
+            cpuinfo = ""
     fields: dict[str, str] = {}
     for line in cpuinfo.splitlines():
         key, _, value = line.partition(":")
         fields.setdefault(key.strip(), value.strip())
+    return fields
+
+
+def cpu_kind(cpuinfo: str | None = None) -> str:
+    """The CPU as its vendor, family and model, and whether it has AVX-512: what chooses the
+    kernels' code paths."""
+    fields = cpu_fields(cpuinfo)
     avx512 = "avx512f" in fields.get("flags", "").split()
     return (
         f"{fields.get('model name', 'an unknown CPU')} ({fields.get('vendor_id', '?')}, family "

@@ -72,15 +72,7 @@ def pinned_math(cpuinfo: str | None = None) -> dict[str, str]:
     every such CPU. AMD CPUs keep MKL at AVX2: there the pinned run was the faster (2.2 steps/s
     against 1.65 on an AMD EPYC with AVX-512), and runs with and without AVX-512 agree byte for
     byte."""
-    if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text(errors="replace")
-        except OSError:
-            cpuinfo = ""
-    fields: dict[str, str] = {}
-    for line in cpuinfo.splitlines():
-        key, _, value = line.partition(":")
-        fields.setdefault(key.strip(), value.strip())
+    fields = fingerprint.cpu_fields(cpuinfo)
     flags = set(fields.get("flags", "").split())
     if fields.get("vendor_id") == "GenuineIntel" and flags >= MKL_AVX512:
         return {**PINNED_MATH, "MKL_CBWR": "AVX512"}
