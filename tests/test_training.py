@@ -1570,37 +1570,3 @@ def test_bucketed_batches_hold_the_same_chats_sorted_by_length_and_pad_less(
     middle = chats(start=2, stop=6, bucket=4)
     assert list(middle) == [2, 3, 4, 5]
     assert all(said(middle[s]) == said(bucketed[s]) for s in middle)
-
-
-def test_the_first_vector_maths_call_is_made_on_one_thread_and_the_threads_are_given_back(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """`train.settle_vector_maths`: MKL's vector maths pick their code path at the first call,
-    which two threads racing to make once left one thread's cosines 1.5e-4 off; the first call
-    is made on one thread, and the run's threads are given back after."""
-    import torch
-
-    from training import train
-
-    seen: list[int] = []
-    cos = torch.Tensor.cos
-
-    def noting(tensor: torch.Tensor) -> torch.Tensor:
-        seen.append(torch.get_num_threads())
-        return cos(tensor)
-
-    monkeypatch.setattr(torch.Tensor, "cos", noting)
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        train.settle_vector_maths()
-        assert seen == [1]
-        assert torch.get_num_threads() == 2
-        # the rotary embedding's table, split between two threads, is the one-thread table
-        angles = torch.outer(torch.arange(107.0), 1.0 / 10000 ** (torch.arange(0, 32, 2) / 32))
-        table = torch.cat([angles, angles], -1).contiguous()
-        split = cos(table)
-        torch.set_num_threads(1)
-        assert torch.equal(split, cos(table))
-    finally:
-        torch.set_num_threads(before)

@@ -27,6 +27,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset
 
+from oculo.engines.vector_maths import settle_vector_maths
 from oculo.testing.checkpoints import Size, build_tokenizer, idefics3_parts
 from training import fingerprint, lookup, patches, pixels, world
 from training.data import MULTI_RATE, MULTI_TURNS, SYSTEM_RATE, TRAIN_MIX, Example, make_chat
@@ -91,26 +92,6 @@ def pin_math(argv: list[str]) -> None:
         [sys.executable, "-m", "training.train", *argv],
         {**os.environ, **pinned},
     )
-
-
-def settle_vector_maths() -> None:
-    """Make the process's first call of MKL's vector maths on one thread.
-
-    ATen computes a float tensor's cosine, sine, exponential and the like through MKL's vector
-    maths (`at::vml`), in chunks split among the threads, and MKL picks its code path at the
-    first call. In about one process in ten on an Intel Xeon the rotary embedding's cosines, the
-    first such call, came out up to 1.5e-4 off in the second thread's half, which changed 72 of
-    86 gradients of the first step and so the run (training/README.md, "The first step is not
-    always the same"). A first call made on one thread leaves nothing to race."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        values = torch.linspace(0.0, 100.0, 4096)
-        values.cos()
-        values.sin()
-        values.exp()
-    finally:
-        torch.set_num_threads(threads)
 
 
 def tokenizer_corpus(seed: int, n: int = 6000) -> str:

@@ -68,6 +68,7 @@ from transformers import (
 from oculo.engines.base import Delta, EngineInfo, FinishReason, GenerationRequest, Message
 from oculo.engines.hf_chat import HFMessage, first_rendering, to_hf_messages
 from oculo.engines.hf_generation import DeltaStreamer, Halt, Job, OpenAIPenalties, Sampler
+from oculo.engines.vector_maths import settle_vector_maths
 from oculo.errors import (
     ContextLengthExceeded,
     EngineError,
@@ -124,6 +125,7 @@ class TransformersEngine:
         if max_new_tokens_default < 1:
             raise ValueError("max_new_tokens_default must be at least 1")
         started = time.perf_counter()
+        settle_vector_maths()  # before any model runs: its first call on one thread
         local = Path(path).is_dir()
         source = str(path)
         # transformers is untyped at these calls: the processor and model are handled as Any.
