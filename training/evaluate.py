@@ -37,7 +37,10 @@ message) about the issue's picture, a blue star and the text "GO", in 12 drawing
 320x240, 1120x840 and 200x200, three seeds each), and counts the answers that name a blue star and
 those that read "GO". `--pairs N` asks for N two-image descriptions on each set and
 counts those right whole, and of the wrong ones, those wrong only in a printed text (the scene
-described right, a word misread) and the rest (a shape, a colour or whether there is text).
+described right, a word misread) and the rest (a shape, a colour or whether there is text); and
+it asks "Describe the image." about each of the pair's two images alone (the same decoded
+pixels), so that `alone` splits the pairs by how many of their images are described right alone:
+a pair wrong whose images are both right alone was lost to answering about two at once.
 
 `--scenes N` asks for N descriptions on each set and scores their shapes alone (the printed text
 aside): the share right, by the number of shapes, by the smallest shape's shorter side at the
@@ -295,6 +298,35 @@ def pair_mistake(got: str, want: str) -> str | None:
     return "text" if unquoted[0] == unquoted[1] else "scene"
 
 
+def wrong_halves(got: str, want: str) -> str:
+    """Which of a wrong two-image description's halves ("The first image shows ...", "The second
+    image shows ...") differ from the right one's: "first", "second", "both", or "unparsed"."""
+    cut = "the second image shows"
+    got_parts = world.normalize(got).split(cut)
+    want_parts = world.normalize(want).split(cut)
+    if len(got_parts) != 2 or len(want_parts) != 2:
+        return "unparsed"
+    wrong = [
+        world.normalize(a) != world.normalize(b) for a, b in zip(got_parts, want_parts, strict=True)
+    ]
+    return {(True, False): "first", (False, True): "second"}.get((wrong[0], wrong[1]), "both")
+
+
+async def described_alone(engine: Any, pair: Example, images: list[Any], i: int) -> bool:
+    """Whether the pair's image `i`, sent alone (as decoded for the pair) and asked "Describe the
+    image." with the pair's system message, is described right."""
+    alone = Example(
+        kind="describe",
+        system=pair.system,
+        question="Describe the image.",
+        answer=world.describe(pair.scenes[i]),
+        images=[pair.images[i]],
+        scenes=[pair.scenes[i]],
+    )
+    got = await answer(engine, alone, [images[i]])
+    return world.normalize(got) == world.normalize(alone.answer)
+
+
 async def pairs(model: Path, n: int, seed: int) -> dict[str, Any]:
     """The two-image diagnostic (see the module's docstring), on each set."""
 
@@ -309,11 +341,20 @@ async def pairs(model: Path, n: int, seed: int) -> dict[str, Any]:
             # the held-out set's seed as before the different set was asked too: its counts stand
             rng = random.Random(f"pairs:{seed}" if style == "train" else f"pairs:{seed}:{style}")
             verdicts: Counter[str | None] = Counter()
+            together: Counter[str] = Counter()
+            halves: Counter[str] = Counter()
             wrong: list[dict[str, str]] = []
             for example, images in tally(rng, style):
                 got = await answer(engine, example, images)
                 verdict = pair_mistake(got, example.answer)
                 verdicts[verdict] += 1
+                right_alone = sum(
+                    [await described_alone(engine, example, images, i) for i in (0, 1)]
+                )
+                outcome = "wrong" if verdict else "right"
+                together[f"{outcome}_as_pair_{right_alone}_right_alone"] += 1
+                if verdict:
+                    halves[f"{wrong_halves(got, example.answer)}_{right_alone}_right_alone"] += 1
                 if verdict and len(wrong) < 5:
                     wrong.append({"want": example.answer, "got": got})
             report[name] = {
@@ -321,6 +362,8 @@ async def pairs(model: Path, n: int, seed: int) -> dict[str, Any]:
                 "right": verdicts[None],
                 "wrong_only_in_text": verdicts["text"],
                 "wrong_in_scene": verdicts["scene"],
+                "alone": dict(sorted(together.items())),
+                "wrong_halves": dict(sorted(halves.items())),
                 "examples": wrong,
             }
     return report
