@@ -1326,6 +1326,22 @@ def test_a_two_image_mistake_is_told_apart_by_whether_only_the_quoted_text_is_wr
     assert pair_mistake(both, want) == "scene"
 
 
+def test_a_wrong_two_image_answer_names_the_half_that_is_wrong() -> None:
+    from training.evaluate import wrong_halves
+
+    want = (
+        'The first image shows a red circle. The text says "GO". The second image shows a blue '
+        "star."
+    )
+    assert wrong_halves(want.replace("red circle", "red square"), want) == "first"
+    assert wrong_halves(want.replace("blue star", "blue square"), want) == "second"
+    assert wrong_halves(want.replace('"GO"', '"GOT"').replace("blue", "green"), want) == "both"
+    # a text read in the first half is the first half's, though the second half ends the answer
+    assert wrong_halves(want.replace('"GO"', '"GOT"'), want) == "first"
+    # an answer about one image only cannot be split into halves
+    assert wrong_halves('A red circle. The text says "GO".', want) == "unparsed"
+
+
 def test_a_descriptions_shapes_are_scored_apart_from_its_text() -> None:
     from training.evaluate import named_items, scene_mistake
 

@@ -348,13 +348,17 @@ async def pairs(model: Path, n: int, seed: int) -> dict[str, Any]:
                 got = await answer(engine, example, images)
                 verdict = pair_mistake(got, example.answer)
                 verdicts[verdict] += 1
-                right_alone = sum(
-                    [await described_alone(engine, example, images, i) for i in (0, 1)]
-                )
+                alone = [await described_alone(engine, example, images, i) for i in (0, 1)]
                 outcome = "wrong" if verdict else "right"
-                together[f"{outcome}_as_pair_{right_alone}_right_alone"] += 1
+                together[f"{outcome}_as_pair_{sum(alone)}_right_alone"] += 1
                 if verdict:
-                    halves[f"{wrong_halves(got, example.answer)}_{right_alone}_right_alone"] += 1
+                    wrong_alone = {
+                        (True, True): "none",
+                        (False, True): "first",
+                        (True, False): "second",
+                        (False, False): "both",
+                    }[(alone[0], alone[1])]
+                    halves[f"{wrong_halves(got, example.answer)}_half;alone_{wrong_alone}"] += 1
                 if verdict and len(wrong) < 5:
                     wrong.append({"want": example.answer, "got": got})
             report[name] = {
@@ -363,6 +367,7 @@ async def pairs(model: Path, n: int, seed: int) -> dict[str, Any]:
                 "wrong_only_in_text": verdicts["text"],
                 "wrong_in_scene": verdicts["scene"],
                 "alone": dict(sorted(together.items())),
+                # a wrong pair: the half of its answer that is wrong; its images wrong alone
                 "wrong_halves": dict(sorted(halves.items())),
                 "examples": wrong,
             }

@@ -743,9 +743,10 @@ for each token ({"shape, colour and characters" if args.token_chars else "shape 
         else ""
     };
 `training/patches.py`). {tower}{look_up}These are training aids, not saved: the checkpoint
-is a plain Idefics3 model. Half the training batches are chats of several questions about one
-image; the rows of a batch share one layout (one question or several, with or without a system
-message), so that they pad to similar lengths{
+is a plain Idefics3 model. {round(100 * getattr(args, "mix", TRAIN_MIX)["pair"])}% of the
+training batches are two-image descriptions, and half the others chats of several questions
+about one image; the rows of a batch share one layout (one question or several, with or
+without a system message), so that they pad to similar lengths{
         f", and the chats of {bucket} steps in a row are sorted by length and cut into batches "
         "again"
         if (bucket := getattr(args, "bucket", 1)) > 1
