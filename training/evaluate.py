@@ -306,10 +306,17 @@ def wrong_halves(got: str, want: str) -> str:
     want_parts = world.normalize(want).split(cut)
     if len(got_parts) != 2 or len(want_parts) != 2:
         return "unparsed"
-    wrong = [
+    first, second = (
         world.normalize(a) != world.normalize(b) for a, b in zip(got_parts, want_parts, strict=True)
-    ]
-    return {(True, False): "first", (False, True): "second"}.get((wrong[0], wrong[1]), "both")
+    )
+    return which_of_two(first, second) or "both"
+
+
+def which_of_two(first: bool, second: bool) -> str | None:
+    """Which of two things a pair of flags marks: "first", "second", "both", or None."""
+    return {(True, False): "first", (False, True): "second", (True, True): "both"}.get(
+        (first, second)
+    )
 
 
 async def described_alone(engine: Any, pair: Example, images: list[Any], i: int) -> bool:
@@ -352,12 +359,7 @@ async def pairs(model: Path, n: int, seed: int) -> dict[str, Any]:
                 outcome = "wrong" if verdict else "right"
                 together[f"{outcome}_as_pair_{sum(alone)}_right_alone"] += 1
                 if verdict:
-                    wrong_alone = {
-                        (True, True): "none",
-                        (False, True): "first",
-                        (True, False): "second",
-                        (False, False): "both",
-                    }[(alone[0], alone[1])]
+                    wrong_alone = which_of_two(not alone[0], not alone[1]) or "none"
                     halves[f"{wrong_halves(got, example.answer)}_half;alone_{wrong_alone}"] += 1
                 if verdict and len(wrong) < 5:
                     wrong.append({"want": example.answer, "got": got})
