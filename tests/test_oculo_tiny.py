@@ -243,9 +243,9 @@ def test_the_placement_diagnostic_moves_the_word_and_keeps_the_scene() -> None:
 def test_the_seed_scene_and_two_image_diagnostics_measure_the_shipped_model() -> None:
     """`training.evaluate --seed-scene`: the issue's picture in 12 drawings; the shipped model
     answers 'A blue star. The text says "GO".' to all 12.
-    `--pairs N`: two-image descriptions on each set, 256 of 300 right whole on the held-out set
-    (`--pairs 300`). Here 4 a set: the counts must add up, and most of the seed scene must be
-    right."""
+    `--pairs N`: two-image descriptions on each set, 279 of 300 right whole on the held-out set
+    and 242 on the different one (`--pairs 300`, run 54), each image also described alone. Here 4
+    a set: the counts must add up, and most of the seed scene must be right."""
     from training.evaluate import pairs, seed_scene
 
     scene = asyncio.run(seed_scene(PACKAGED))
@@ -256,6 +256,9 @@ def test_the_seed_scene_and_two_image_diagnostics_measure_the_shipped_model() ->
     for summary in report.values():
         assert summary["right"] + summary["wrong_only_in_text"] + summary["wrong_in_scene"] == 4
         assert len(summary["examples"]) == 4 - summary["right"]
+        assert sum(summary["alone"].values()) == 4
+        wrong_as_pair = sum(n for k, n in summary["alone"].items() if k.startswith("wrong"))
+        assert wrong_as_pair == 4 - summary["right"] == sum(summary["wrong_halves"].values())
 
 
 def test_the_description_diagnostic_measures_the_shipped_models_shapes() -> None:
