@@ -1485,6 +1485,32 @@ def test_the_question_mix_can_be_set_and_the_batches_and_the_card_follow_it(
     assert "--mix" not in model_card(1, args, 1.0, 0.5, SIZE)
 
 
+def test_the_vision_towers_eager_attention_is_the_same_function_and_named_on_the_card(
+    small_parts: tuple[object, object],
+) -> None:
+    """`--vision-attention eager`: two matrix products and a softmax instead of PyTorch's fused
+    kernel, the same attention to rounding; a run that trained so says so on its card."""
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    from training.train import SIZE, command_line, model_card
+
+    config, processor = small_parts
+    torch.manual_seed(0)
+    model = AutoModelForImageTextToText.from_config(config).eval()
+    batch = collate([make_example(random.Random(3), kind="describe")], processor)
+    inputs = split_aids(batch)[0]
+    with torch.no_grad():
+        fused = model(**inputs).logits
+        model.model.vision_model.config._attn_implementation = "eager"
+        eager = model(**inputs).logits
+    assert torch.allclose(fused, eager, atol=1e-4)
+    args = command_line().parse_args(["--out", "x", "--steps", "10"])
+    assert "--vision-attention" not in model_card(1, args, 1.0, 0.5, SIZE)
+    args = command_line().parse_args(["--out", "x", "--steps", "10", "--vision-attention", "eager"])
+    assert " --vision-attention eager" in model_card(1, args, 1.0, 0.5, SIZE)
+
+
 def test_a_fingerprint_names_the_first_module_whose_own_arithmetic_parts_two_runs(
     small_parts: tuple[object, object],
 ) -> None:
@@ -1545,6 +1571,50 @@ def test_a_fingerprint_is_taken_of_a_short_run_only(monkeypatch: pytest.MonkeyPa
     monkeypatch.setattr(sys, "argv", ["train", "--out", "x", "--fingerprint", "f.json"])
     with pytest.raises(SystemExit):
         train.main()
+    for step in ("0", "4"):  # the step whose modules it digests must be one the run takes
+        argv = ["train", "--out", "x", "--stop-after", "3", "--fingerprint", "f.json"]
+        monkeypatch.setattr(sys, "argv", [*argv, "--fingerprint-step", step])
+        with pytest.raises(SystemExit):
+            train.main()
+
+
+def test_a_fingerprints_trail_names_the_first_step_whose_loss_or_weights_part() -> None:
+    """Runs that agree on the first step may part later (`MKL_CBWR=COMPATIBLE`: an Intel Xeon
+    and an AMD EPYC the same at step 1, not at step 50): each step's loss and weights after
+    its update say at which step, for `--fingerprint-step` to name the module there."""
+    import torch
+
+    from training import fingerprint
+
+    def trail(nudge_at: int | None, what: str) -> list[dict[str, object]]:
+        torch.manual_seed(0)
+        layer = torch.nn.Linear(4, 2)
+        steps = []
+        for step in range(1, 6):
+            with torch.no_grad():
+                layer.weight.mul_(0.9)
+                if step == nudge_at and what == "weights":
+                    layer.weight[0, 0] += 1e-6
+            loss = layer.weight.sum().item() + (1e-9 if step == nudge_at and what == "loss" else 0)
+            weights = fingerprint.weights(layer.named_parameters())
+            steps.append({"step": step, "loss": repr(loss), "weights": weights})
+        return steps
+
+    same = trail(None, "")
+    assert fingerprint.trail_parting(same, trail(None, "")) == (
+        "every step's loss and weights are the same (5 steps)"
+    )
+    assert fingerprint.trail_parting(same, trail(3, "weights")).startswith(
+        "the runs part at step 3, its loss and weights (every step before it the same)"
+    )
+    assert fingerprint.trail_parting(same, trail(4, "loss")).startswith(
+        "the runs part at step 4, its loss (every step"
+    )
+    a = {"cpu": "a", "batch": {}, "modules": [], "loss": "1", "gradients": {}, "trail": same}
+    b = {**a, "step": 2, "trail": trail(2, "weights")}
+    lines = fingerprint.parting(a, b)
+    assert lines[2].startswith("the runs part at step 2")
+    assert lines[3] == "a recorded step 1, b step 2: no modules"
 
 
 def test_bucketed_batches_hold_the_same_chats_sorted_by_length_and_pad_less(

@@ -22,7 +22,7 @@ import argparse
 import hashlib
 import json
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -130,15 +130,23 @@ def cpu_kind(cpuinfo: str | None = None) -> str:
     )
 
 
+def weights(named: Iterable[tuple[str, torch.nn.Parameter]]) -> str:
+    """One digest of every parameter's value, in the order given."""
+    return digest(p for _, p in named)
+
+
 def fingerprint(
     batch: Mapping[str, Any],
     recorder: Recorder,
     loss: torch.Tensor,
     grads: Mapping[str, str],
     cpu: str,
+    step: int = 1,
 ) -> dict[str, Any]:
-    """The first step's fingerprint, as `train.py --fingerprint` writes it."""
+    """Step `step`'s fingerprint (the first unless `train.py --fingerprint-step` says), as
+    `train.py --fingerprint` writes it; the run adds its "trail", each step's loss and weights."""
     return {
+        "step": step,
         "cpu": cpu,
         "kernels": torch.backends.cpu.get_cpu_capability(),
         "torch": torch.__version__,
@@ -150,9 +158,29 @@ def fingerprint(
     }
 
 
+def trail_parting(a: Sequence[Mapping[str, Any]], b: Sequence[Mapping[str, Any]]) -> str:
+    """Where two runs' trails (each step's loss and weights after its update) part."""
+    for x, y in zip(a, b, strict=False):
+        parts = [what for what in ("loss", "weights") if x[what] != y[what]]
+        if parts:
+            what = " and ".join(parts)
+            return (
+                f"the runs part at step {x['step']}, its {what} (every step before it the same): "
+                f"--fingerprint-step {x['step']} names the module"
+            )
+    return f"every step's loss and weights are the same ({min(len(a), len(b))} steps)"
+
+
 def parting(a: Mapping[str, Any], b: Mapping[str, Any], most: int = 10) -> list[str]:
     """Where fingerprints `a` and `b` part, first things first, as lines to print."""
     lines = [f"{n}: {f.get('cpu')} {f.get('environment')}" for n, f in (("a", a), ("b", b))]
+    if a.get("trail") and b.get("trail"):
+        lines.append(trail_parting(a["trail"], b["trail"]))
+    if a.get("step", 1) != b.get("step", 1):
+        lines.append(f"a recorded step {a.get('step', 1)}, b step {b.get('step', 1)}: no modules")
+        return lines
+    if a.get("step", 1) != 1:
+        lines.append(f"step {a['step']}:")
     keys = sorted({*a["batch"], *b["batch"]})
     batch = [k for k in keys if a["batch"].get(k) != b["batch"].get(k)]
     if batch:

@@ -592,6 +592,11 @@ def model_card(
         + (f" --char-rows {char_rows}" if (char_rows := getattr(args, "char_rows", 1)) > 1 else "")
         + (" --read-pairs" if getattr(args, "read_pairs", False) else "")
         + (f" --bucket {bucket}" if (bucket := getattr(args, "bucket", 1)) > 1 else "")
+        + (
+            " --vision-attention eager"
+            if getattr(args, "vision_attention", "sdpa") == "eager"
+            else ""
+        )
         + ("" if pinned else " --no-pin-math")
         + (f" --init-from {init}" if (init := getattr(args, "init_from", None)) else "")
     )
@@ -1087,6 +1092,21 @@ def command_line() -> argparse.ArgumentParser:
         "and output, loss and gradients, to this JSON file; `python -m training.fingerprint A B` "
         "names where two machines' runs part",
     )
+    parser.add_argument(
+        "--fingerprint-step",
+        type=int,
+        default=1,
+        help="with --fingerprint: the step whose modules and gradients it digests (the first "
+        "by default; every step's loss and weights go into its trail)",
+    )
+    parser.add_argument(
+        "--vision-attention",
+        choices=("sdpa", "eager"),
+        default="sdpa",
+        help="the vision tower's attention while training: PyTorch's fused kernel (sdpa), or "
+        "two matrix products and a softmax (eager), to see whether the vendors' sums part there "
+        "(`--fingerprint`); a checkpoint loads with the default either way",
+    )
     parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=False)
     parser.add_argument(
         "--pin-math",
@@ -1126,6 +1146,8 @@ def main() -> None:
         )
     if args.fingerprint and not args.stop_after:
         parser.error("--fingerprint records the first step of a short run: give --stop-after")
+    if args.fingerprint and not 1 <= args.fingerprint_step <= args.stop_after:
+        parser.error("--fingerprint-step must be one of the steps --stop-after runs")
     if args.pin_math:
         pin_math(sys.argv[1:])
     print(f"kernels: {torch.backends.cpu.get_cpu_capability()}", flush=True)
@@ -1206,9 +1228,12 @@ def main() -> None:
             for name, module in whole.named_modules()
         )
     first: dict[str, Any] | None = None
+    trail: list[dict[str, Any]] = []
     attend = bool(args.attend_weight or args.read_weight or args.item_weight)
     if attend:  # attention weights are only returned by the eager implementation
         model.model.text_model.config._attn_implementation = "eager"
+    if args.vision_attention == "eager":
+        model.model.vision_model.config._attn_implementation = "eager"
     model.train()
     started = time.perf_counter()
     if args.tower_steps and not args.probe:
@@ -1226,7 +1251,7 @@ def main() -> None:
             group["lr"] = lr_at(step, steps, args.lr, args.warmup)
         inputs, aid = split_aids(batch)
         if recorder is not None:
-            recorder.active = step == 0
+            recorder.active = step + 1 == args.fingerprint_step
         query, keys, colour = aid["lookup_query"], aid["lookup_keys"], aid["lookup_colour"]
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
             out = model(
@@ -1269,16 +1294,30 @@ def main() -> None:
                         total = total + args.item_readout_weight * said
         optimizer.zero_grad(set_to_none=True)
         total.backward()
-        if recorder is not None and step == 0:
+        if recorder is not None and step + 1 == args.fingerprint_step:
             grads = fingerprint.gradients(
                 (f"{where}.{name}", p)
                 for where, whole in trained.items()
                 for name, p in whole.named_parameters()
             )
-            first = fingerprint.fingerprint(batch, recorder, total, grads, fingerprint.cpu_kind())
+            first = fingerprint.fingerprint(
+                batch, recorder, total, grads, fingerprint.cpu_kind(), step + 1
+            )
             recorder.active = False
         torch.nn.utils.clip_grad_norm_([*model.parameters(), *aids], 1.0)
         optimizer.step()
+        if recorder is not None:  # each step's loss and weights, to find the step runs part at
+            trail.append(
+                {
+                    "step": step + 1,
+                    "loss": repr(total.item()),
+                    "weights": fingerprint.weights(
+                        (name, p)
+                        for whole in trained.values()
+                        for name, p in whole.named_parameters()
+                    ),
+                }
+            )
         window.append(loss.item())
         patch_window.append(seen.item())
         if (step + 1) % 50 == 0 or step + 1 == steps:
@@ -1330,8 +1369,13 @@ def main() -> None:
             args.out.mkdir(parents=True, exist_ok=True)
             write_log(args, log)
         if args.fingerprint and first is not None:
+            first["trail"] = trail
             args.fingerprint.write_text(json.dumps(first, indent=1) + "\n")
-            print(f"fingerprint of the first step: {args.fingerprint}", flush=True)
+            print(
+                f"fingerprint of step {args.fingerprint_step} and the trail of {len(trail)} "
+                f"steps: {args.fingerprint}",
+                flush=True,
+            )
         return
     save(model, processor, args.out)
     minutes = (time.perf_counter() - started) / 60
