@@ -10,10 +10,13 @@ same command writes another file, and
 
     python -m training.fingerprint A.json B.json
 
-names the first place they part: the data (the drawing), or the first module whose output
-differs from inputs that do not (that module's own arithmetic: a Linear is MKL's matrix
-product, the patch embedding's Conv2d oneDNN's convolution, a LayerNorm or an activation
-ATen's kernels), or, with the whole forward pass equal, the gradients (the backward pass).
+names the first place they part: the step (each step's loss and weights after its update are
+in the file's trail), the data (the drawing), or the first module whose output differs from
+inputs that do not (that module's own arithmetic: a Linear is MKL's matrix product, the patch
+embedding's Conv2d oneDNN's convolution, a LayerNorm or an activation ATen's kernels), or, with
+the whole forward pass equal, the gradients (the backward pass). Runs that agree at the first
+step but part later are followed with `--fingerprint-step K`, the modules of the step where the
+trail says they part.
 """
 
 from __future__ import annotations
