@@ -604,11 +604,11 @@ def model_card(
         "the CPU's own kernels (`--no-pin-math`: another CPU may give other weights)"
         if not pinned
         else "ATen and oneDNN held at their AVX2 kernels and MKL at its AVX-512 path (an Intel "
-        "CPU with AVX-512, `pinned_math`: Intel Xeons part from the AMD EPYCs' weights after "
-        "200 steps)"
+        "CPU with AVX-512, `pinned_math`: Intel Xeons part from the AMD EPYCs' weights at the "
+        "first step, in the vision tower's fused attention)"
         if os.environ.get("MKL_CBWR") == "AVX512"
         else "ATen, MKL and oneDNN held at their AVX2 kernels (`PINNED_MATH`: the same weights on "
-        "AMD EPYCs with and without AVX-512; an Intel Xeon parts from them after 200 steps)"
+        "AMD EPYCs with and without AVX-512; an Intel Xeon parts from them at the first step)"
     )
     look_up = (
         (
@@ -1115,7 +1115,7 @@ def command_line() -> argparse.ArgumentParser:
         help="compute with the AVX2 kernels on every machine (PINNED_MATH; MKL at its AVX-512 "
         "path on Intel CPUs that have it), so that a run gives the same weights on every "
         "machine measured of one vendor with 2 threads (AMD EPYCs with and without AVX-512 "
-        "agree byte for byte; an Intel Xeon parts from them after 200 steps; --no-pin-math: "
+        "agree byte for byte; an Intel Xeon parts from them at the first step; --no-pin-math: "
         "the CPU's own kernels, not reproducible across machines)",
     )
     return parser
