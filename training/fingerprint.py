@@ -134,7 +134,8 @@ def cpu_kind(cpuinfo: str | None = None) -> str:
 
 
 def weights(named: Iterable[tuple[str, torch.nn.Parameter]]) -> str:
-    """One digest of every parameter's value, in the order given."""
+    """One digest of every parameter's value, in the order given (names as `gradients` takes
+    them, not digested)."""
     return digest(p for _, p in named)
 
 
@@ -179,11 +180,12 @@ def parting(a: Mapping[str, Any], b: Mapping[str, Any], most: int = 10) -> list[
     lines = [f"{n}: {f.get('cpu')} {f.get('environment')}" for n, f in (("a", a), ("b", b))]
     if a.get("trail") and b.get("trail"):
         lines.append(trail_parting(a["trail"], b["trail"]))
-    if a.get("step", 1) != b.get("step", 1):
-        lines.append(f"a recorded step {a.get('step', 1)}, b step {b.get('step', 1)}: no modules")
+    step_a, step_b = a.get("step", 1), b.get("step", 1)  # files from before the trail: step 1
+    if step_a != step_b:
+        lines.append(f"a recorded step {step_a}, b step {step_b}: no modules")
         return lines
-    if a.get("step", 1) != 1:
-        lines.append(f"step {a['step']}:")
+    if step_a != 1:
+        lines.append(f"step {step_a}:")
     keys = sorted({*a["batch"], *b["batch"]})
     batch = [k for k in keys if a["batch"].get(k) != b["batch"].get(k)]
     if batch:

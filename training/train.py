@@ -1227,8 +1227,13 @@ def main() -> None:
             for where, whole in trained.items()
             for name, module in whole.named_modules()
         )
-    first: dict[str, Any] | None = None
+    recorded: dict[str, Any] | None = None
     trail: list[dict[str, Any]] = []
+    digested = [  # what a fingerprint digests, gradients and weights, in one order
+        (f"{where}.{name}", p)
+        for where, whole in trained.items()
+        for name, p in whole.named_parameters()
+    ]
     attend = bool(args.attend_weight or args.read_weight or args.item_weight)
     if attend:  # attention weights are only returned by the eager implementation
         model.model.text_model.config._attn_implementation = "eager"
@@ -1295,29 +1300,16 @@ def main() -> None:
         optimizer.zero_grad(set_to_none=True)
         total.backward()
         if recorder is not None and step + 1 == args.fingerprint_step:
-            grads = fingerprint.gradients(
-                (f"{where}.{name}", p)
-                for where, whole in trained.items()
-                for name, p in whole.named_parameters()
-            )
-            first = fingerprint.fingerprint(
+            grads = fingerprint.gradients(digested)
+            recorded = fingerprint.fingerprint(
                 batch, recorder, total, grads, fingerprint.cpu_kind(), step + 1
             )
             recorder.active = False
         torch.nn.utils.clip_grad_norm_([*model.parameters(), *aids], 1.0)
         optimizer.step()
         if recorder is not None:  # each step's loss and weights, to find the step runs part at
-            trail.append(
-                {
-                    "step": step + 1,
-                    "loss": repr(total.item()),
-                    "weights": fingerprint.weights(
-                        (name, p)
-                        for whole in trained.values()
-                        for name, p in whole.named_parameters()
-                    ),
-                }
-            )
+            weights = fingerprint.weights(digested)
+            trail.append({"step": step + 1, "loss": repr(total.item()), "weights": weights})
         window.append(loss.item())
         patch_window.append(seen.item())
         if (step + 1) % 50 == 0 or step + 1 == steps:
@@ -1368,9 +1360,9 @@ def main() -> None:
         if args.stop_after:  # the log, to set beside a whole run's: no weights are saved
             args.out.mkdir(parents=True, exist_ok=True)
             write_log(args, log)
-        if args.fingerprint and first is not None:
-            first["trail"] = trail
-            args.fingerprint.write_text(json.dumps(first, indent=1) + "\n")
+        if args.fingerprint and recorded is not None:
+            recorded["trail"] = trail
+            args.fingerprint.write_text(json.dumps(recorded, indent=1) + "\n")
             print(
                 f"fingerprint of step {args.fingerprint_step} and the trail of {len(trail)} "
                 f"steps: {args.fingerprint}",
