@@ -6,6 +6,7 @@ import io
 import itertools
 import random
 from pathlib import Path
+from typing import Any
 
 import pytest
 from PIL import Image, ImageDraw
@@ -1308,6 +1309,48 @@ def test_the_reading_summary_splits_misreadings_by_kind_and_glyph_width() -> Non
     assert report["misread"] == 4 and report["wrong_length"] == 2
     assert report["confused"] == {"8->9": 1, "T->R": 1}
     assert reading_summary([])["all"] == {"n": 0, "read": None}
+
+
+def test_the_face_diagnostic_prints_each_way_it_names_and_counts_characters_in_place(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from training import evaluate, world
+
+    bitmap_faces = 0
+    face = world._bitmap_face
+
+    def counted() -> Any:
+        nonlocal bitmap_faces
+        bitmap_faces += 1
+        return face()
+
+    monkeypatch.setattr(world, "_bitmap_face", counted)
+    printed_in_bitmap: dict[str, int] = {}
+    for name, (style, bitmap) in evaluate.FACES.items():
+        bitmap_faces = 0
+        drawn = list(
+            evaluate.with_text(random.Random(f"faces:{name}"), style, 4, bitmap_face=bitmap)
+        )
+        assert len(drawn) == 4 and all(text for _, text in drawn)
+        printed_in_bitmap[name] = bitmap_faces
+    # every text of the two bitmap ways in that face, none of the training face's
+    assert printed_in_bitmap == {
+        "training face": 0,
+        "bitmap face, the training's way": 4,
+        "bitmap face, the different set's way": 4,
+    }
+
+    rows = [
+        {"printed": "306", "got": 'The text says "3006".', "width": 30.0, "squeeze": 1.0},
+        {"printed": "GOAL", "got": '"GOAT"', "width": 20.0, "squeeze": 1.0},
+        {"printed": "52", "got": '"52"', "width": 20.0, "squeeze": 1.0},
+    ]
+    report = evaluate.face_summary(rows)
+    assert report["all"] == {"n": 3, "read": 33.3}
+    # 3, 0 in place of 306 (the doubled 0 shifts the 6); G, O, A of GOAL; both of 52
+    assert report["characters"] == round(100 * 7 / 9, 1)
+    assert report["wrong_length"] == 1
+    assert evaluate.face_summary([])["characters"] is None
 
 
 def test_a_two_image_mistake_is_told_apart_by_whether_only_the_quoted_text_is_wrong() -> None:

@@ -26,6 +26,13 @@ words apart too), by how much the image is stretched, and by the kind of mistake
 the wrong length (a character dropped or doubled) or of the right length with characters
 confused, and which ones.
 
+`--faces N` asks N text questions about images with text in each of three ways of printing
+it: the training routine's usual face (Pillow's FreeType one, as the held-out set prints), Pillow's
+6x11 bitmap face drawn the training's way (the share `train.py --bitmap-face` trains on), and the
+different set's own texts (that bitmap face drawn its way). Scored as `--reading` scores them, and
+the share of characters read in place: whether a face is read worse where it is drawn as trained
+(the face is what is lost) or only where it is drawn otherwise (the drawing is).
+
 `--placement N` asks N text questions a set about images with text, each image drawn five times
 with the word at another height (`PLACEMENTS`): where both routines print it (centred in a band
 at the top of the picture), at the top or the bottom of that band (a few pixels up or down), and
@@ -195,13 +202,17 @@ async def evaluate(model: Path, n: int, seed: int) -> dict[str, Any]:
 
 
 def with_text(
-    rng: random.Random, style: world.Style, n: int, made_faces: float = 0.0
+    rng: random.Random,
+    style: world.Style,
+    n: int,
+    made_faces: float = 0.0,
+    bitmap_face: float = 0.0,
 ) -> Iterator[tuple[Example, str]]:
     """`n` text questions drawn by `style` about images that do have text printed, and the text
-    (the others drawn are skipped)."""
+    (the others drawn are skipped). `made_faces`, `bitmap_face`: see `world.render_labelled`."""
     asked = 0
     while asked < n:
-        example = make_example(rng, style, "text", made_faces=made_faces)
+        example = make_example(rng, style, "text", made_faces=made_faces, bitmap_face=bitmap_face)
         printed = example.scenes[0].text
         if printed:
             asked += 1
@@ -574,6 +585,39 @@ def reading_row(example: Example, got: str, side: int) -> dict[str, Any]:
     }
 
 
+# The `--faces` diagnostic's three ways of printing a text: the routine that draws it, and the
+# share of its texts printed in Pillow's 6x11 bitmap face (`world.render_labelled`).
+FACES: dict[str, tuple[world.Style, float]] = {
+    "training face": ("train", 0.0),  # Pillow's FreeType face, as the held-out set prints
+    "bitmap face, the training's way": ("train", 1.0),  # as the training prints that face
+    "bitmap face, the different set's way": ("alt", 0.0),  # the different set's own texts
+}
+
+
+def face_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """`reading_summary` of `rows`, and the share of the printed characters read in place."""
+    right = sum(characters_right(r["got"], r["printed"])[0] for r in rows)
+    printed = sum(len(r["printed"]) for r in rows)
+    characters = round(100 * right / printed, 1) if printed else None
+    return {**reading_summary(rows), "characters": characters}
+
+
+async def faces(model: Path, n: int, seed: int) -> dict[str, Any]:
+    """The face diagnostic (see the module's docstring): `n` text questions about images with
+    text for each of `FACES`, scored as `--reading` scores them."""
+    side = input_side(model)
+    report: dict[str, Any] = {}
+    async with served(model) as engine:
+        for name, (style, bitmap) in FACES.items():
+            rng = random.Random(f"faces:{name}:{seed}")
+            rows = []
+            for example, _ in with_text(rng, style, n, bitmap_face=bitmap):
+                got = await answer(engine, example, through_server_media(example, rng, style))
+                rows.append(reading_row(example, got, side))
+            report[name] = face_summary(rows)
+    return report
+
+
 async def reading(model: Path, n: int, seed: int) -> dict[str, Any]:
     """The reading diagnostic (see the module's docstring), on each set."""
 
@@ -685,6 +729,12 @@ def main() -> None:
         help="only the reading diagnostic, on this many images with text a set (see above)",
     )
     parser.add_argument(
+        "--faces",
+        type=int,
+        default=0,
+        help="only the face diagnostic, on this many images with text a face (see above)",
+    )
+    parser.add_argument(
         "--placement",
         type=int,
         default=0,
@@ -723,6 +773,9 @@ def main() -> None:
         return
     if args.reading:
         print(json.dumps(asyncio.run(reading(args.model, args.reading, args.seed)), indent=1))
+        return
+    if args.faces:
+        print(json.dumps(asyncio.run(faces(args.model, args.faces, args.seed)), indent=1))
         return
     if args.placement:
         print(json.dumps(asyncio.run(placement(args.model, args.placement, args.seed)), indent=1))
