@@ -66,7 +66,7 @@ import random
 import re
 import time
 from collections import Counter, defaultdict
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import replace
 from itertools import pairwise
@@ -494,8 +494,8 @@ def scene_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
 async def scenes(model: Path, n: int, seed: int) -> dict[str, Any]:
     """The description diagnostic (see the module's docstring), on each set."""
 
-    def descriptions(rng: random.Random, style: world.Style) -> Iterator[Example]:
-        return (make_example(rng, style, "describe") for _ in range(n))
+    def descriptions(rng: random.Random, style: world.Style, bitmap: float) -> Iterator[Example]:
+        return (make_example(rng, style, "describe", bitmap_face=bitmap) for _ in range(n))
 
     rows = await rows_on_each_set(model, f"scenes:{{}}:{seed}", descriptions, scene_row)
     return {name: scene_summary(chosen) for name, chosen in rows.items()}
@@ -556,19 +556,22 @@ def input_side(model: Path) -> int:
 async def rows_on_each_set(
     model: Path,
     seed: str,
-    examples: Callable[[random.Random, world.Style], Iterable[Example]],
+    examples: Callable[[random.Random, world.Style, float], Iterable[Example]],
     row: Callable[[Example, str, int], dict[str, Any]],
+    ways: Mapping[str, tuple[world.Style, float]] | None = None,
 ) -> dict[str, list[dict[str, Any]]]:
-    """For each set, the `row` (the example, the model's answer, the input's side) of each of
-    the `examples` drawn from `Random(seed.format(set's name))`, answered through the server's
-    media code."""
+    """For each set (or each of `ways`: a routine and its share of texts in the bitmap face),
+    the `row` (the example, the model's answer, the input's side) of each of the `examples`
+    drawn from `Random(seed.format(its name))`, answered through the server's media code."""
     side = input_side(model)
+    if ways is None:
+        ways = {name: (style, 0.0) for name, style in SETS.items()}
     rows: dict[str, list[dict[str, Any]]] = {}
     async with served(model) as engine:
-        for name, style in SETS.items():
+        for name, (style, bitmap) in ways.items():
             rng = random.Random(seed.format(name))
             rows[name] = []
-            for example in examples(rng, style):
+            for example in examples(rng, style, bitmap):
                 got = await answer(engine, example, through_server_media(example, rng, style))
                 rows[name].append(row(example, got, side))
     return rows
@@ -602,29 +605,25 @@ def face_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return {**reading_summary(rows), "characters": characters}
 
 
+def texts(n: int) -> Callable[[random.Random, world.Style, float], Iterator[Example]]:
+    """`rows_on_each_set`'s examples: `n` text questions about images with text."""
+
+    def drawn(rng: random.Random, style: world.Style, bitmap: float) -> Iterator[Example]:
+        return (example for example, _ in with_text(rng, style, n, bitmap_face=bitmap))
+
+    return drawn
+
+
 async def faces(model: Path, n: int, seed: int) -> dict[str, Any]:
     """The face diagnostic (see the module's docstring): `n` text questions about images with
     text for each of `FACES`, scored as `--reading` scores them."""
-    side = input_side(model)
-    report: dict[str, Any] = {}
-    async with served(model) as engine:
-        for name, (style, bitmap) in FACES.items():
-            rng = random.Random(f"faces:{name}:{seed}")
-            rows = []
-            for example, _ in with_text(rng, style, n, bitmap_face=bitmap):
-                got = await answer(engine, example, through_server_media(example, rng, style))
-                rows.append(reading_row(example, got, side))
-            report[name] = face_summary(rows)
-    return report
+    rows = await rows_on_each_set(model, f"faces:{{}}:{seed}", texts(n), reading_row, FACES)
+    return {name: face_summary(chosen) for name, chosen in rows.items()}
 
 
 async def reading(model: Path, n: int, seed: int) -> dict[str, Any]:
     """The reading diagnostic (see the module's docstring), on each set."""
-
-    def texts(rng: random.Random, style: world.Style) -> Iterator[Example]:
-        return (example for example, _ in with_text(rng, style, n))
-
-    rows = await rows_on_each_set(model, f"reading:{{}}:{seed}", texts, reading_row)
+    rows = await rows_on_each_set(model, f"reading:{{}}:{seed}", texts(n), reading_row)
     return {name: reading_summary(chosen) for name, chosen in rows.items()}
 
 
