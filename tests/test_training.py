@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import itertools
 import random
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -1404,7 +1405,9 @@ def test_a_descriptions_shapes_are_scored_apart_from_its_text() -> None:
 def test_the_scene_summary_splits_descriptions_by_count_size_and_squeeze() -> None:
     from training.evaluate import scene_summary
 
-    def row(mistake: str | None, count: int, side: float, squeeze: float) -> dict[str, object]:
+    def row(
+        mistake: str | None, count: int, side: float, squeeze: float, file: str = "png"
+    ) -> dict[str, object]:
         confused = ["triangle->star"] if mistake == "shape" else []
         return {
             "mistake": mistake,
@@ -1413,10 +1416,14 @@ def test_the_scene_summary_splits_descriptions_by_count_size_and_squeeze() -> No
             "squeeze": squeeze,
             "confused": confused,
             "text_presence_wrong": mistake == "count",
+            "rounded": mistake == "shape",
+            "proportions": False,
+            "blurred": mistake == "count",
+            "file": file,
         }
 
-    rows = [row(None, 1, 40.0, 1.0), row("shape", 3, 10.0, 2.5), row("count", 3, 15.0, 1.5)]
-    report = scene_summary([*rows, row(None, 2, 25.0, 1.2)])
+    rows = [row(None, 1, 40.0, 1.0), row("shape", 3, 10.0, 2.5), row("count", 3, 15.0, 1.5, "gif")]
+    report = scene_summary([*rows, row(None, 2, 25.0, 1.2, "gif")])
     assert report["all"] == {"n": 4, "right": 50.0}
     assert report["by_count"][3] == {"n": 2, "right": 0.0}
     assert report["by_smallest_side_px"] == {
@@ -1429,6 +1436,34 @@ def test_the_scene_summary_splits_descriptions_by_count_size_and_squeeze() -> No
     assert report["mistakes"] == {"shape": 1, "count": 1}
     assert report["text_presence_wrong"] == 1
     assert report["shapes_confused"] == {"triangle->star": 1}
+    assert report["by_file"]["gif"] == {"n": 2, "right": 50.0}
+    assert report["by_file"]["webp"] == {"n": 0, "right": None}
+    assert report["by_drawing"]["as the training draws"] == {"n": 3, "right": 66.7}
+    assert report["by_drawing"]["a square rounded"] == {"n": 1, "right": 0.0}
+    assert report["by_drawing"]["blurred"] == {"n": 1, "right": 0.0}
+
+
+def test_a_drawing_says_which_shapes_the_training_routine_would_not_draw_so() -> None:
+    # the marks are read off the draws the routine makes anyway (the drawings are the same, byte
+    # for byte, as before they were kept), and only "alt" ever marks a shape
+    marked: Counter[str] = Counter()
+    squares = 0
+    for k in range(300):
+        for style in ("train", "alt"):
+            scene = world.sample_scene(random.Random(k), text_rate=0.0)
+            _, labels = world.render_labelled(scene, random.Random(k), style)
+            assert len(labels.shape_marks) == len(scene.items)
+            for item, marks in zip(scene.items, labels.shape_marks, strict=True):
+                if style == "train":
+                    assert marks == ()
+                marked.update(f"{item.shape}:{m}" for m in marks)
+                if "rounded" in marks:
+                    assert item.shape == "square"
+                squares += style == "alt" and item.shape == "square"
+    # about half the different set's squares rounded; half its stretches past the training's
+    assert 0.35 < marked["square:rounded"] / squares < 0.65
+    for shape in world.SHAPES:
+        assert marked[f"{shape}:proportions"] > 20
 
 
 def test_the_smallest_shape_is_measured_at_the_models_input() -> None:
@@ -1463,6 +1498,16 @@ def test_a_description_becomes_a_row_of_the_scene_summary() -> None:
     row = scene_row(example, wrong + ' The text says "HI".', 128)
     assert row["mistake"] == "shape" and row["confused"][0] == f"{first.shape}->{other}"
     assert row["text_presence_wrong"]
+    assert not (row["rounded"] or row["proportions"])  # the training routine's drawing
+    alt = make_example(random.Random(6), "alt", "describe")
+    while not alt.labels[0].shape_marks[0]:
+        alt = make_example(rng, "alt", "describe")
+    item, marks = alt.scenes[0].items[0], alt.labels[0].shape_marks[0]
+    other = next(s for s in world.SHAPES if s != item.shape)
+    got = alt.answer.replace(f"{item.color} {item.shape}", f"{item.color} {other}", 1)
+    row = scene_row(alt, got, 160)
+    assert row["confused"][0] == f"{item.shape}->{other}" + "".join(f" ({m})" for m in marks)
+    assert row["rounded"] == ("rounded" in marks) and row["proportions"] == ("proportions" in marks)
 
 
 def test_a_probe_says_how_long_the_run_would_take_and_what_fits_the_hour() -> None:
@@ -1526,6 +1571,52 @@ def test_the_question_mix_can_be_set_and_the_batches_and_the_card_follow_it(
     assert "--mix describe=0.3,count=0.1,color=0.17,exists=0.17,text=0.18,pair=0.15" in card
     args.mix = dict(TRAIN_MIX)
     assert "--mix" not in model_card(1, args, 1.0, 0.5, SIZE)
+
+
+def test_the_shapes_variety_can_be_widened_and_the_batches_and_the_card_follow_it() -> None:
+    import argparse
+
+    from training.train import SIZE, command_line, model_card, run_batches
+
+    def drawn(variety: world.ShapeVariety, k: int) -> tuple[Image.Image, world.Labels]:
+        scene = world.Scene((world.Item("square", "red"),), None, 200, 200, "plain")
+        return world.render_labelled(scene, random.Random(k), "train", shapes=variety)
+
+    # unset, the shipped variety: the same drawings as before
+    for k in range(20):
+        a, b = drawn(world.TRAINING_SHAPES, k), drawn(world.ShapeVariety(), k)
+        assert a[0].tobytes() == b[0].tobytes() and a[1].shape_marks == [()]
+    # every square rounded: its box's corners are background, and it says so
+    for k in range(20):
+        image, labels = drawn(world.ShapeVariety(rounded=1.0), k)
+        assert labels.shape_marks[0][0] == "rounded"
+        x0, y0, x1, y1 = labels.items.getbbox() or (0, 0, 0, 0)
+        assert labels.items.getpixel((x0, y0)) == 0 and labels.items.getpixel((x1 - 1, y1 - 1)) == 0
+        assert labels.items.getpixel(((x0 + x1) // 2, (y0 + y1) // 2)) == 1
+        centre = image.getpixel(((x0 + x1) // 2, (y0 + y1) // 2))
+        assert max(abs(a - b) for a, b in zip(centre, world.COLORS["red"], strict=True)) < 16
+    # a wider spread: stretched past the shipped training's proportions now and then
+    past = sum(
+        "proportions" in drawn(world.ShapeVariety(spread=0.35), k)[1].shape_marks[0]
+        for k in range(100)
+    )
+    assert 40 < past < 80
+
+    args = command_line().parse_args(["--out", "x"])
+    assert run_batches(args, None, SIZE, 0, 10).shapes == world.TRAINING_SHAPES
+    args = command_line().parse_args(
+        ["--out", "x", "--shape-spread", "0.35", "--rounded-squares", "0.3"]
+    )
+    assert run_batches(args, None, SIZE, 0, 10).shapes == world.ShapeVariety(0.35, 0.3)
+    args = argparse.Namespace(
+        steps=10, batch_size=4, lr=1e-3, seed=0, char_columns=4, token_chars=True,
+        glyph_weight=1.0, tower_steps=0, draw_max=256, attend_weight=0.1, colour_weight=0.3,
+        read_weight=0.1, made_faces=0.0, real_faces=0.0, char_slots=False, pin_math=True,
+        init_from=None, bf16=False, warmup=200, patch_weight=1.0, threads=2,
+    )  # fmt: skip
+    assert "--shape-spread" not in model_card(1, args, 1.0, 0.5, SIZE)
+    args.shape_spread, args.rounded_squares = 0.35, 0.3
+    assert "--shape-spread 0.35 --rounded-squares 0.3" in model_card(1, args, 1.0, 0.5, SIZE)
 
 
 def test_the_vision_towers_eager_attention_is_the_same_function_and_named_on_the_card(

@@ -115,6 +115,7 @@ def make_example(
     bitmap_numbers: float | None = None,
     text_anywhere: float = 0.0,
     text_drift: float = 0.0,
+    shapes: world.ShapeVariety = world.TRAINING_SHAPES,
 ) -> Example:
     if kind is None:
         kinds = list(TRAIN_MIX)
@@ -149,6 +150,7 @@ def make_example(
             bitmap_face=bitmap_face,
             real_faces=real_faces,
             bitmap=bitmap,
+            shapes=shapes,
         )
         for scene, bitmap in sampled
     ]
@@ -179,6 +181,7 @@ def make_chat(
     mix: Mapping[world.QuestionType, float] = TRAIN_MIX,
     text_anywhere: float = 0.0,
     text_drift: float = 0.0,
+    shapes: world.ShapeVariety = world.TRAINING_SHAPES,
 ) -> Example:
     """A training chat: `kind` first, and (for one image) possibly further questions about the
     same image. A description, which names everything, is only ever the last turn, so no earlier
@@ -194,7 +197,8 @@ def make_chat(
     chosen as the text is drawn): see `sample_scene`; `mix`, the weights the further questions
     are drawn with (`TRAIN_MIX`, or `train.py --mix`); `text_anywhere`, the share of texts
     printed at a random height, and `text_drift`, the share of the others printed anywhere in
-    their band: see `world.sample_scene`."""
+    their band: see `world.sample_scene`; `shapes`, how varied the shapes are drawn
+    (`world.ShapeVariety`)."""
     if turns is None:
         turns = 1 if rng.random() >= MULTI_RATE else rng.randint(2, MULTI_TURNS)
     if system is None:
@@ -213,6 +217,7 @@ def make_chat(
             bitmap_numbers=bitmap_numbers,
             text_anywhere=text_anywhere,
             text_drift=text_drift,
+            shapes=shapes,
         )
     singles = [k for k in mix if k != "pair"]
     kinds = [kind, *rng.choices(singles, weights=[mix[k] for k in singles], k=turns - 1)]
@@ -235,6 +240,7 @@ def make_chat(
         bitmap_face=bitmap_face,
         real_faces=real_faces,
         bitmap=bitmap,
+        shapes=shapes,
     )
     (question, answer), *more = asked
     return Example(

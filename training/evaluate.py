@@ -119,7 +119,12 @@ def characters_right(got: str, want: str) -> tuple[int, int]:
 
 def through_server_media(example: Example, rng: random.Random, style: world.Style) -> list[Any]:
     """Encode each image as a client would and decode it with oculo's own media code."""
-    decoded = []
+    return sent(example, rng, style)[0]
+
+
+def sent(example: Example, rng: random.Random, style: world.Style) -> tuple[list[Any], list[str]]:
+    """`through_server_media`, and the file format each image was sent in ("png", "jpeg", ...)."""
+    decoded, formats = [], []
     for image in example.images:
         data, mime = world.encode(image, rng, style)
         uri = f"data:{mime};base64," + base64.b64encode(data).decode()
@@ -127,7 +132,8 @@ def through_server_media(example: Example, rng: random.Random, style: world.Styl
         decoded.append(
             decode(inspected.data, inspected.header, max_pixels=40_000_000, param="image")
         )
-    return decoded
+        formats.append(mime.removeprefix("image/"))
+    return decoded, formats
 
 
 def to_messages(example: Example) -> list[Message]:
@@ -451,11 +457,12 @@ def smallest_side(example: Example, side: int) -> float:
 
 def scene_row(example: Example, got: str, side: int) -> dict[str, Any]:
     """One description `got` for `example`, as `scene_summary` sums them up."""
-    scene = example.scenes[0]
+    scene, labels = example.scenes[0], example.labels[0]
     named = named_items(got)
+    marks = labels.shape_marks or [()] * len(scene.items)
     confused = [
-        f"{item.shape}->{shape}"
-        for item, (_, shape) in zip(scene.items, named, strict=False)
+        f"{item.shape}->{shape}" + "".join(f" ({m})" for m in drawn)
+        for item, (_, shape), drawn in zip(scene.items, named, marks, strict=False)
         if shape != item.shape
     ]
     return {
@@ -465,13 +472,27 @@ def scene_row(example: Example, got: str, side: int) -> dict[str, Any]:
         "squeeze": squeeze(scene),
         "confused": confused if len(named) == len(scene.items) else [],
         "text_presence_wrong": ("text says" in got.lower()) != bool(scene.text),
+        "rounded": any("rounded" in m for m in marks),
+        "proportions": any("proportions" in m for m in marks),
+        "blurred": labels.blurred,
     }
+
+
+FILES = ("png", "jpeg", "webp", "gif")
+
+
+def drawn_otherwise(row: dict[str, Any]) -> bool:
+    """Whether a `scene_row`'s picture was drawn in a way the training routine never draws:
+    a square rounded or a shape past its proportions (its blur is the training's too, milder)."""
+    return bool(row["rounded"] or row["proportions"])
 
 
 def scene_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """Sum up descriptions, each {"mistake" (`scene_mistake`), "count" (shapes drawn), "side"
-    (`smallest_side`), "squeeze", "confused" (the shapes named in place of the drawn ones)}:
-    the share whose shapes are right, overall and by each of the three, and the mistakes."""
+    (`smallest_side`), "squeeze", "confused" (the shapes named in place of the drawn ones, with
+    how each was drawn: `world.Labels.shape_marks`), "rounded", "proportions", "blurred" (how the
+    picture was drawn), "file" (its format)}: the share whose shapes are right, overall and by
+    each of those, and the mistakes."""
 
     def share(chosen: list[dict[str, Any]]) -> dict[str, Any]:
         right = sum(r["mistake"] is None for r in chosen)
@@ -485,9 +506,16 @@ def scene_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "by_count": {n: share([r for r in rows if r["count"] == n]) for n in (1, 2, 3)},
         "by_smallest_side_px": bucketed(rows, "side", SIDES, share),
         "by_squeeze": bucketed(rows, "squeeze", SQUEEZES, share),
+        "by_file": {f: share([r for r in rows if r["file"] == f]) for f in FILES},
+        "by_drawing": {
+            "as the training draws": share([r for r in rows if not drawn_otherwise(r)]),
+            "a square rounded": share([r for r in rows if r["rounded"]]),
+            "a shape past the training's proportions": share([r for r in rows if r["proportions"]]),
+            "blurred": share([r for r in rows if r["blurred"]]),
+        },
         "mistakes": dict(Counter(r["mistake"] for r in rows if r["mistake"]).most_common()),
         "text_presence_wrong": sum(r["text_presence_wrong"] for r in rows),
-        "shapes_confused": dict(confused.most_common(8)),
+        "shapes_confused": dict(confused.most_common(12)),
     }
 
 
@@ -562,7 +590,8 @@ async def rows_on_each_set(
 ) -> dict[str, list[dict[str, Any]]]:
     """For each set (or each of `ways`: a routine and its share of texts in the bitmap face),
     the `row` (the example, the model's answer, the input's side) of each of the `examples`
-    drawn from `Random(seed.format(its name))`, answered through the server's media code."""
+    drawn from `Random(seed.format(its name))`, answered through the server's media code, with
+    the file format its (first) image was sent in ("file")."""
     side = input_side(model)
     if ways is None:
         ways = {name: (style, 0.0) for name, style in SETS.items()}
@@ -572,8 +601,9 @@ async def rows_on_each_set(
             rng = random.Random(seed.format(name))
             rows[name] = []
             for example in examples(rng, style, bitmap):
-                got = await answer(engine, example, through_server_media(example, rng, style))
-                rows[name].append(row(example, got, side))
+                images, formats = sent(example, rng, style)
+                got = await answer(engine, example, images)
+                rows[name].append({**row(example, got, side), "file": formats[0]})
     return rows
 
 

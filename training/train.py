@@ -317,8 +317,10 @@ class Batches(IterableDataset[dict[str, torch.Tensor]]):
         char_rows: int = patches.ROWS,
         read_pairs: bool = False,
         bucket: int = 1,
+        shapes: world.ShapeVariety = world.TRAINING_SHAPES,
     ) -> None:
         self.processor = processor
+        self.shapes = shapes
         self.bucket = bucket
         self.read_pairs = read_pairs
         self.char_rows = char_rows
@@ -406,6 +408,7 @@ class Batches(IterableDataset[dict[str, torch.Tensor]]):
                 mix=self.mix,
                 text_anywhere=self.text_anywhere,
                 text_drift=self.text_drift,
+                shapes=self.shapes,
             )
             for kind in kinds
         ]
@@ -445,6 +448,15 @@ def run_batches(
         args.char_rows,
         args.read_pairs,
         getattr(args, "bucket", 1),
+        shape_variety(args),
+    )
+
+
+def shape_variety(args: argparse.Namespace) -> world.ShapeVariety:
+    """The shapes' variety the command line `args` asks for (`--shape-spread`,
+    `--rounded-squares`)."""
+    return world.ShapeVariety(
+        getattr(args, "shape_spread", world.TRAIN_SPREAD), getattr(args, "rounded_squares", 0.0)
     )
 
 
@@ -589,6 +601,12 @@ def model_card(
             else ""
         )
         + (f" --text-drift {drift}" if (drift := getattr(args, "text_drift", 0)) else "")
+        + (
+            f" --shape-spread {variety.spread}"
+            if (variety := shape_variety(args)).spread != world.TRAIN_SPREAD
+            else ""
+        )
+        + (f" --rounded-squares {variety.rounded}" if variety.rounded else "")
         + (f" --char-rows {char_rows}" if (char_rows := getattr(args, "char_rows", 1)) > 1 else "")
         + (" --read-pairs" if getattr(args, "read_pairs", False) else "")
         + (f" --bucket {bucket}" if (bucket := getattr(args, "bucket", 1)) > 1 else "")
@@ -993,6 +1011,22 @@ def command_line() -> argparse.ArgumentParser:
         "instead of centred in a band at the top, where every other text is: a model that only "
         "ever sees text there reads none a few pixels higher or lower (`training.evaluate "
         "--placement`); 0 draws nothing more, so the batches stay the shipped run's",
+    )
+    parser.add_argument(
+        "--shape-spread",
+        type=float,
+        default=world.TRAIN_SPREAD,
+        help="how far the training routine varies a shape's proportions (a circle's or "
+        "square's stretch, as a log of its sides' ratio; a triangle's lean; a star's turn, and "
+        "half of it its inner radius; default %(default)s); the different set varies them "
+        "twice as far",
+    )
+    parser.add_argument(
+        "--rounded-squares",
+        type=float,
+        default=0.0,
+        help="share of the training's squares drawn with rounded corners (a radius of 5-30%% of "
+        "the shorter side); 0 draws nothing more, so the batches stay the shipped run's",
     )
     parser.add_argument(
         "--text-drift",

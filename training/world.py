@@ -17,7 +17,7 @@ import functools
 import io
 import math
 import random
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import numpy as np
@@ -94,6 +94,12 @@ class Labels:
 
     items: Image.Image
     chars: list[CharBox]
+    # how each shape was drawn, in the scene's order: () as the training routine draws its
+    # shapes, or marks of what only "alt" does ("rounded": a square's corners rounded;
+    # "proportions": stretched or shaped past the training routine's spread); and "blurred" when
+    # the whole picture was (evaluation's diagnostics split their scores by these)
+    shape_marks: list[tuple[str, ...]] = field(default_factory=list)
+    blurred: bool = False
 
 
 def _log_uniform(rng: random.Random, low: float, high: float) -> float:
@@ -195,31 +201,68 @@ def _star(
     return points
 
 
-def _shape_outline(
-    shape: str, box: tuple[float, float, float, float], rng: random.Random, style: Style
-) -> tuple[str, list[tuple[float, float]]]:
-    """The shape's outline: ("ellipse" | "rectangle" | "rounded", its box) or ("polygon", points).
+TRAIN_SPREAD = 0.15  # how far the training routine varies a shape's proportions ("alt": twice)
+ALT_ROUNDING = 0.15  # "alt" rounds half its squares' corners, this share of the shorter side
 
-    Both routines vary proportions (the training one less); only "alt" rounds square corners.
+
+@dataclass(frozen=True)
+class ShapeVariety:
+    """How varied the training routine draws its shapes: `spread`, how far a shape's
+    proportions vary (a circle's or square's stretch, a triangle's lean, a star's inner radius
+    and turn; `TRAIN_SPREAD` as shipped), and `rounded`, the share of squares drawn with rounded
+    corners (a radius of 5-30% of the shorter side; 0, as shipped, draws no random number for
+    it, so the batches stay the shipped run's)."""
+
+    spread: float = TRAIN_SPREAD
+    rounded: float = 0.0
+
+
+TRAINING_SHAPES = ShapeVariety()
+
+
+def _shape_outline(
+    shape: str,
+    box: tuple[float, float, float, float],
+    rng: random.Random,
+    style: Style,
+    variety: ShapeVariety = TRAINING_SHAPES,
+) -> tuple[str, list[tuple[float, float]], tuple[str, ...]]:
+    """The shape's outline: ("ellipse" | "rectangle" | ("rounded", radius), its box) or
+    ("polygon", points), and its marks (`Labels.shape_marks`), which say how the shipped
+    training routine (`TRAIN_SPREAD`, no rounding) would not have drawn it.
+
+    Both routines vary proportions (the training one less); "alt" rounds half its squares'
+    corners, the training routine `variety.rounded` of them.
     """
     x0, y0, x1, y1 = box
     cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
     r = min(x1 - x0, y1 - y0) / 2
-    spread = 0.3 if style == "alt" else 0.15
-    stretch = math.exp(rng.uniform(-spread, spread))
+    spread = 2 * TRAIN_SPREAD if style == "alt" else variety.spread
+    log_stretch = rng.uniform(-spread, spread)
+    stretch = math.exp(log_stretch)
+    past = ("proportions",)
     if shape in ("circle", "square"):
         k = 1.0 if shape == "circle" else 0.9
         rx, ry = r * k * min(stretch, 1.0), r * k / max(stretch, 1.0)
         corners = [(cx - rx, cy - ry), (cx + rx, cy + ry)]
+        marks = past if abs(log_stretch) > TRAIN_SPREAD else ()
         if shape == "circle":
-            return "ellipse", corners
-        return ("rounded" if style == "alt" and rng.random() < 0.5 else "rectangle"), corners
+            return "ellipse", corners, marks
+        if style == "alt" and rng.random() < 0.5:
+            return f"rounded {ALT_ROUNDING}", corners, ("rounded", *marks)
+        if style == "train" and variety.rounded and rng.random() < variety.rounded:
+            return f"rounded {rng.uniform(0.05, 0.3)}", corners, ("rounded", *marks)
+        return "rectangle", corners, marks
     if shape == "triangle":
-        apex = rng.uniform(-spread, spread) * r
-        return "polygon", [(cx + apex, cy - r), (cx + r, cy + r * 0.8), (cx - r, cy + r * 0.8)]
+        lean = rng.uniform(-spread, spread)
+        marks = past if abs(lean) > TRAIN_SPREAD else ()
+        apex = lean * r
+        points = [(cx + apex, cy - r), (cx + r, cy + r * 0.8), (cx - r, cy + r * 0.8)]
+        return "polygon", points, marks
     inner = rng.uniform(0.45 - spread / 2, 0.45 + spread / 2)
     rot = rng.uniform(-spread, spread)
-    return "polygon", _star(cx, cy, r, rot, inner)
+    outside = abs(inner - 0.45) > TRAIN_SPREAD / 2 or abs(rot) > TRAIN_SPREAD
+    return "polygon", _star(cx, cy, r, rot, inner), past if outside else ()
 
 
 def _fill(
@@ -230,9 +273,10 @@ def _fill(
         draw.ellipse(points, fill=fill)
     elif kind == "rectangle":
         draw.rectangle(points, fill=fill)
-    elif kind == "rounded":
+    elif kind.startswith("rounded"):
         (a, b), (c, d) = points
-        draw.rounded_rectangle(points, radius=min(c - a, d - b) * 0.15, fill=fill)
+        rounding = float(kind.split()[1])
+        draw.rounded_rectangle(points, radius=min(c - a, d - b) * rounding, fill=fill)
     else:
         draw.polygon(points, fill=fill)
 
@@ -379,6 +423,7 @@ def render_labelled(
     bitmap_face: float = 0.0,
     real_faces: float = 0.0,
     bitmap: bool | None = None,
+    shapes: ShapeVariety = TRAINING_SHAPES,
 ) -> tuple[Image.Image, Labels]:
     """Draw `scene`, and say where each shape and each printed character ended up.
 
@@ -395,7 +440,8 @@ def render_labelled(
     random number for any of them. `bitmap` (training): whether the bitmap face was already
     chosen for this scene (`data.sample_scene`: before its text was drawn, so that the face's
     texts can be numbers at a rate of their own); None chooses it here, a `bitmap_face` share
-    of the time."""
+    of the time. `shapes` (training): how varied its shapes are (`ShapeVariety`; "alt" draws
+    its own way)."""
     fit = 1.0
     if draw_max is not None and max(scene.width, scene.height) > draw_max:
         fit = draw_max / max(scene.width, scene.height)
@@ -413,10 +459,12 @@ def render_labelled(
     items = Image.new("L", big, 0)
     draw, label = ImageDraw.Draw(image), ImageDraw.Draw(items)
     boxes = _layout(scene, rng, big, band)
+    shape_marks = []
     for k, (item, box) in enumerate(zip(scene.items, boxes, strict=True)):
-        outline = _shape_outline(item.shape, box, rng, style)
-        _fill(draw, outline, COLORS[item.color])
-        _fill(label, outline, k + 1)
+        kind, points, marks = _shape_outline(item.shape, box, rng, style, shapes)
+        _fill(draw, (kind, points), COLORS[item.color])
+        _fill(label, (kind, points), k + 1)
+        shape_marks.append(marks)
     if factor > 1:
         image = image.resize(size, Image.Resampling.LANCZOS)
         items = items.resize(size, Image.Resampling.NEAREST)
@@ -426,17 +474,19 @@ def render_labelled(
         else []
     )
     if style == "alt":
-        if rng.random() < 0.3:
+        blurred = rng.random() < 0.3
+        if blurred:
             image = image.filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 0.8)))
-        return image, Labels(items, chars)
+        return image, Labels(items, chars, shape_marks, blurred)
     # train: a little blur and JPEG now and then, as real uploads have
-    if rng.random() < 0.1:
+    blurred = rng.random() < 0.1
+    if blurred:
         image = image.filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 0.7) * fit))
     if rng.random() < 0.2:
         buf = io.BytesIO()
         image.save(buf, "JPEG", quality=rng.randrange(50, 95))
         image = Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
-    return image, Labels(items, chars)
+    return image, Labels(items, chars, shape_marks, blurred)
 
 
 def encode(image: Image.Image, rng: random.Random, style: Style) -> tuple[bytes, str]:
