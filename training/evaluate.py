@@ -51,9 +51,12 @@ a pair wrong whose images are both right alone was lost to answering about two a
 
 `--scenes N` asks for N descriptions on each set and scores their shapes alone (the printed text
 aside): the share right, by the number of shapes, by the smallest shape's shorter side at the
-model's input and by how much the image is stretched to make it square; and what the wrong ones
-get wrong (how many shapes, their order, a shape, a colour), which shapes are named for which,
-and how often the answer says there is text where there is none or none where there is.
+model's input, by how much the image is stretched to make it square, by the file format it was
+sent in and by how its shapes were drawn (a square's corners rounded, a shape stretched or shaped
+past the shipped training routine's proportions, the picture blurred: `world.Labels`); and what
+the wrong ones get wrong (how many shapes, their order, a shape, a colour), which shapes are named
+for which (each drawn shape with how it was drawn), and how often the answer says there is text
+where there is none or none where there is.
 """
 
 from __future__ import annotations
