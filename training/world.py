@@ -18,7 +18,7 @@ import io
 import math
 import random
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 from PIL import Image, ImageChops, ImageDraw, ImageFilter, ImageFont
@@ -94,9 +94,9 @@ class Labels:
 
     items: Image.Image
     chars: list[CharBox]
-    # how each shape was drawn, in the scene's order: () as the training routine draws its
-    # shapes, or marks of what only "alt" does ("rounded": a square's corners rounded;
-    # "proportions": stretched or shaped past the training routine's spread); and "blurred" when
+    # how each shape was drawn, in the scene's order: () as the shipped training routine draws
+    # its shapes (`TRAINING_SHAPES`), or marks of what it never does ("rounded": a square's
+    # corners rounded; "proportions": stretched or shaped past its spread); and "blurred" when
     # the whole picture was (evaluation's diagnostics split their scores by these)
     shape_marks: list[tuple[str, ...]] = field(default_factory=list)
     blurred: bool = False
@@ -220,16 +220,26 @@ class ShapeVariety:
 TRAINING_SHAPES = ShapeVariety()
 
 
+class Outline(NamedTuple):
+    """A shape as drawn: its `kind` ("ellipse", "rectangle" or "rounded": `points` its box's
+    corners; "polygon": its points), its marks (`Labels.shape_marks`) and, "rounded", its
+    corners' radius as a share of the box's shorter side."""
+
+    kind: str
+    points: list[tuple[float, float]]
+    marks: tuple[str, ...] = ()
+    rounding: float = 0.0
+
+
 def _shape_outline(
     shape: str,
     box: tuple[float, float, float, float],
     rng: random.Random,
     style: Style,
     variety: ShapeVariety = TRAINING_SHAPES,
-) -> tuple[str, list[tuple[float, float]], tuple[str, ...]]:
-    """The shape's outline: ("ellipse" | "rectangle" | ("rounded", radius), its box) or
-    ("polygon", points), and its marks (`Labels.shape_marks`), which say how the shipped
-    training routine (`TRAIN_SPREAD`, no rounding) would not have drawn it.
+) -> Outline:
+    """The shape's outline, with marks that say how the shipped training routine
+    (`TRAINING_SHAPES`: `TRAIN_SPREAD`, no rounding) would not have drawn it.
 
     Both routines vary proportions (the training one less); "alt" rounds half its squares'
     corners, the training routine `variety.rounded` of them.
@@ -247,36 +257,33 @@ def _shape_outline(
         corners = [(cx - rx, cy - ry), (cx + rx, cy + ry)]
         marks = past if abs(log_stretch) > TRAIN_SPREAD else ()
         if shape == "circle":
-            return "ellipse", corners, marks
+            return Outline("ellipse", corners, marks)
         if style == "alt" and rng.random() < 0.5:
-            return f"rounded {ALT_ROUNDING}", corners, ("rounded", *marks)
+            return Outline("rounded", corners, ("rounded", *marks), ALT_ROUNDING)
         if style == "train" and variety.rounded and rng.random() < variety.rounded:
-            return f"rounded {rng.uniform(0.05, 0.3)}", corners, ("rounded", *marks)
-        return "rectangle", corners, marks
+            return Outline("rounded", corners, ("rounded", *marks), rng.uniform(0.05, 0.3))
+        return Outline("rectangle", corners, marks)
     if shape == "triangle":
         lean = rng.uniform(-spread, spread)
         marks = past if abs(lean) > TRAIN_SPREAD else ()
         apex = lean * r
         points = [(cx + apex, cy - r), (cx + r, cy + r * 0.8), (cx - r, cy + r * 0.8)]
-        return "polygon", points, marks
+        return Outline("polygon", points, marks)
     inner = rng.uniform(0.45 - spread / 2, 0.45 + spread / 2)
     rot = rng.uniform(-spread, spread)
     outside = abs(inner - 0.45) > TRAIN_SPREAD / 2 or abs(rot) > TRAIN_SPREAD
-    return "polygon", _star(cx, cy, r, rot, inner), past if outside else ()
+    return Outline("polygon", _star(cx, cy, r, rot, inner), past if outside else ())
 
 
-def _fill(
-    draw: ImageDraw.ImageDraw, outline: tuple[str, list[tuple[float, float]]], fill: Any
-) -> None:
-    kind, points = outline
+def _fill(draw: ImageDraw.ImageDraw, outline: Outline, fill: Any) -> None:
+    kind, points = outline.kind, outline.points
     if kind == "ellipse":
         draw.ellipse(points, fill=fill)
     elif kind == "rectangle":
         draw.rectangle(points, fill=fill)
-    elif kind.startswith("rounded"):
+    elif kind == "rounded":
         (a, b), (c, d) = points
-        rounding = float(kind.split()[1])
-        draw.rounded_rectangle(points, radius=min(c - a, d - b) * rounding, fill=fill)
+        draw.rounded_rectangle(points, radius=min(c - a, d - b) * outline.rounding, fill=fill)
     else:
         draw.polygon(points, fill=fill)
 
@@ -461,10 +468,10 @@ def render_labelled(
     boxes = _layout(scene, rng, big, band)
     shape_marks = []
     for k, (item, box) in enumerate(zip(scene.items, boxes, strict=True)):
-        kind, points, marks = _shape_outline(item.shape, box, rng, style, shapes)
-        _fill(draw, (kind, points), COLORS[item.color])
-        _fill(label, (kind, points), k + 1)
-        shape_marks.append(marks)
+        outline = _shape_outline(item.shape, box, rng, style, shapes)
+        _fill(draw, outline, COLORS[item.color])
+        _fill(label, outline, k + 1)
+        shape_marks.append(outline.marks)
     if factor > 1:
         image = image.resize(size, Image.Resampling.LANCZOS)
         items = items.resize(size, Image.Resampling.NEAREST)
