@@ -1144,6 +1144,22 @@ def test_a_run_can_start_from_a_checkpoints_weights(
         assert torch.equal(got, want), name
 
 
+def test_a_checkpoint_trained_with_another_tokenizer_is_refused(tmp_path: Path) -> None:
+    # another seed's tokenizer has as many tokens, so its weights would load without complaint
+    from training.train import build, start_from
+
+    size = Size()  # the tiny test size
+    model, processor = build(0, size)
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    same, same_processor = build(0, size)
+    start_from(same, tmp_path, same_processor.tokenizer)
+    other, other_processor = build(1, size)
+    assert len(other_processor.tokenizer) == len(processor.tokenizer)
+    with pytest.raises(SystemExit, match="--seed"):
+        start_from(other, tmp_path, other_processor.tokenizer)
+
+
 def test_a_larger_input_with_larger_patches_keeps_the_grid_and_the_image_tokens() -> None:
     """`--image-size 192 --patch-size 24`: each patch sees 1.5 times as many pixels of the
     picture, and the tower, the connector and the language model see as many patches and

@@ -830,12 +830,23 @@ def warm_tower(
             window.clear()
 
 
-def start_from(model: Any, folder: Path) -> None:
+def start_from(model: Any, folder: Path, tokenizer: Any = None) -> None:
     """Load a checkpoint's weights into `model` (built with the same seed and size, so the
     tokenizer is the same): a few hundred steps from the shipped model show in minutes whether a
-    change to the data teaches what it should, where a run from scratch takes an hour."""
-    from transformers import AutoModelForImageTextToText
+    change to the data teaches what it should, where a run from scratch takes an hour.
 
+    With `tokenizer` (the one the run built), refuse a checkpoint whose own tokenizer differs:
+    the tokenizer is trained from the run's seed, and another seed's has as many tokens, so its
+    weights would load without complaint and read every token as another."""
+    from transformers import AutoModelForImageTextToText, AutoTokenizer
+
+    if tokenizer is not None and (folder / "tokenizer.json").exists():
+        theirs = AutoTokenizer.from_pretrained(folder)
+        if theirs.get_vocab() != tokenizer.get_vocab():
+            raise SystemExit(
+                f"--init-from {folder}: its tokenizer is not the one this run builds (a run's "
+                "tokenizer is trained from its --seed): give the checkpoint's own --seed"
+            )
     trained = AutoModelForImageTextToText.from_pretrained(folder)
     model.load_state_dict(trained.state_dict())
 
@@ -1193,7 +1204,7 @@ def main() -> None:
         args.draw_max = 2 * size.image_size
     model, processor = build(args.seed, size)
     if args.init_from:
-        start_from(model, args.init_from)
+        start_from(model, args.init_from, processor.tokenizer)
     params = sum(p.numel() for p in model.parameters())
     print(f"oculo-tiny: {params / 1e6:.2f}M parameters, {size}", flush=True)
     steps = 20 if args.probe else args.steps
