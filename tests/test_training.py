@@ -1120,6 +1120,18 @@ def test_a_snapshot_mid_run_leaves_the_model_training_on_the_eager_attention(
     assert again.model.text_model.config._attn_implementation == "sdpa"
 
 
+def card_args() -> Any:
+    """A run's command line as `model_card` reads it, every option at the shipped recipe's."""
+    import argparse
+
+    return argparse.Namespace(
+        steps=10, batch_size=4, lr=1e-3, seed=0, char_columns=4, token_chars=True,
+        glyph_weight=1.0, tower_steps=0, draw_max=256, attend_weight=0.1, colour_weight=0.3,
+        read_weight=0.1, made_faces=0.0, real_faces=0.0, char_slots=False, pin_math=True,
+        init_from=None, bf16=False, warmup=200, patch_weight=1.0, threads=2,
+    )  # fmt: skip
+
+
 def test_a_run_can_start_from_a_checkpoints_weights(
     small_parts: tuple[object, object], tmp_path: Path
 ) -> None:
@@ -1238,7 +1250,6 @@ def test_a_deeper_or_wider_tower_is_built_and_named_on_the_card() -> None:
 
 
 def test_a_deeper_language_model_is_built_and_named_on_the_card() -> None:
-    import argparse
 
     from training.train import SIZE, build, command_line, model_card, model_size
 
@@ -1249,12 +1260,7 @@ def test_a_deeper_language_model_is_built_and_named_on_the_card() -> None:
     assert len(model.model.text_model.layers) == 4
     assert model.config.text_config.num_hidden_layers == 4
     assert len(build(0)[0].model.text_model.layers) == SIZE.layers
-    args = argparse.Namespace(
-        steps=10, batch_size=4, lr=1e-3, seed=0, char_columns=4, token_chars=True,
-        glyph_weight=1.0, tower_steps=0, draw_max=256, attend_weight=0.1, colour_weight=0.3,
-        read_weight=0.1, made_faces=0.0, real_faces=0.0, char_slots=False, pin_math=True,
-        init_from=None, bf16=False, warmup=200, patch_weight=1.0, threads=2,
-    )  # fmt: skip
+    args = card_args()
     assert "--text-layers 4" in model_card(1, args, 1.0, 0.5, size)
     assert "--text-layers" not in model_card(1, args, 1.0, 0.5, SIZE)
 
@@ -1590,7 +1596,6 @@ def test_the_question_mix_can_be_set_and_the_batches_and_the_card_follow_it(
 
 
 def test_the_shapes_variety_can_be_widened_and_the_batches_and_the_card_follow_it() -> None:
-    import argparse
 
     from training.train import SIZE, command_line, model_card, run_batches
 
@@ -1624,12 +1629,7 @@ def test_the_shapes_variety_can_be_widened_and_the_batches_and_the_card_follow_i
         ["--out", "x", "--shape-spread", "0.35", "--rounded-squares", "0.3"]
     )
     assert run_batches(args, None, SIZE, 0, 10).shapes == world.ShapeVariety(0.35, 0.3)
-    args = argparse.Namespace(
-        steps=10, batch_size=4, lr=1e-3, seed=0, char_columns=4, token_chars=True,
-        glyph_weight=1.0, tower_steps=0, draw_max=256, attend_weight=0.1, colour_weight=0.3,
-        read_weight=0.1, made_faces=0.0, real_faces=0.0, char_slots=False, pin_math=True,
-        init_from=None, bf16=False, warmup=200, patch_weight=1.0, threads=2,
-    )  # fmt: skip
+    args = card_args()
     assert "--shape-spread" not in model_card(1, args, 1.0, 0.5, SIZE)
     args.shape_spread, args.rounded_squares = 0.35, 0.3
     assert "--shape-spread 0.35 --rounded-squares 0.3" in model_card(1, args, 1.0, 0.5, SIZE)
