@@ -1631,8 +1631,12 @@ def test_the_shapes_variety_can_be_widened_and_the_batches_and_the_card_follow_i
     assert run_batches(args, None, SIZE, 0, 10).shapes == world.ShapeVariety(0.35, 0.3)
     args = card_args()
     assert "--shape-spread" not in model_card(1, args, 1.0, 0.5, SIZE)
+    assert "rounded corners" not in model_card(1, args, 1.0, 0.5, SIZE)
     args.shape_spread, args.rounded_squares = 0.35, 0.3
-    assert "--shape-spread 0.35 --rounded-squares 0.3" in model_card(1, args, 1.0, 0.5, SIZE)
+    card = model_card(1, args, 1.0, 0.5, SIZE)
+    assert "--shape-spread 0.35 --rounded-squares 0.3" in card
+    assert "proportions vary by up to 35% either way" in card
+    assert "30% of its squares have rounded corners" in card
 
 
 def test_the_vision_towers_eager_attention_is_the_same_function_and_named_on_the_card(
