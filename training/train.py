@@ -702,21 +702,19 @@ def model_card(
         if args.glyph_weight
         else ""
     )
-    variety = shape_variety(args)
-    shapes = (
-        f" Its shapes' proportions vary by up to {variety.spread:.0%} either way (the shipped"
-        f" routine's default, {world.TRAIN_SPREAD:.0%}: a circle's or square's stretch, a"
-        " triangle's lean, a star's inner radius and turn)"
-        + (
-            f", and {variety.rounded:.0%} of its squares have rounded corners (a radius of 5-30% of"
-            " the shorter side)"
-            if variety.rounded
-            else ""
+    shapes = ""
+    if (variety := shape_variety(args)) != world.TRAINING_SHAPES:
+        shapes = (
+            f" Its shapes' proportions vary by up to {variety.spread:.0%} either way (the shipped"
+            f" routine's default, {world.TRAIN_SPREAD:.0%}: a circle's or square's stretch, a"
+            " triangle's lean, a star's inner radius and turn)"
         )
-        + "."
-        if variety != world.TRAINING_SHAPES
-        else ""
-    )
+        if variety.rounded:
+            shapes += (
+                f", and {variety.rounded:.0%} of its squares have rounded corners (a radius of"
+                " 5-30% of the shorter side)"
+            )
+        shapes += "."
     return f"""# oculo-tiny
 
 oculo's built-in default model: a {params / 1e6:.2f}M-parameter vision-language model of the
