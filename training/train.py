@@ -710,9 +710,10 @@ def model_card(
             " triangle's lean, a star's inner radius and turn)"
         )
         if variety.rounded:
+            low, high = world.TRAIN_ROUNDING
             shapes += (
                 f", and {variety.rounded:.0%} of its squares have rounded corners (a radius of"
-                " 5-30% of the shorter side)"
+                f" {low * 100:.0f}-{high:.0%} of the shorter side)"
             )
         shapes += "."
     return f"""# oculo-tiny

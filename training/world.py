@@ -203,6 +203,7 @@ def _star(
 
 TRAIN_SPREAD = 0.15  # how far the training routine varies a shape's proportions ("alt": twice)
 ALT_ROUNDING = 0.15  # "alt" rounds half its squares' corners, this share of the shorter side
+TRAIN_ROUNDING = (0.05, 0.3)  # the training routine's rounded corners: a radius drawn in this range
 
 
 @dataclass(frozen=True)
@@ -261,7 +262,7 @@ def _shape_outline(
         if style == "alt" and rng.random() < 0.5:
             return Outline("rounded", corners, ("rounded", *marks), ALT_ROUNDING)
         if style == "train" and variety.rounded and rng.random() < variety.rounded:
-            return Outline("rounded", corners, ("rounded", *marks), rng.uniform(0.05, 0.3))
+            return Outline("rounded", corners, ("rounded", *marks), rng.uniform(*TRAIN_ROUNDING))
         return Outline("rectangle", corners, marks)
     if shape == "triangle":
         lean = rng.uniform(-spread, spread)
