@@ -1132,6 +1132,19 @@ def card_args() -> Any:
     )  # fmt: skip
 
 
+def test_the_card_gives_the_command_with_its_weight_average() -> None:
+    from training.train import model_card
+
+    args = card_args()
+    args.ema = "0.999,0.9995"
+    card = model_card(1000, args, 1.0, 0.5)
+    assert "--ema 0.999,0.9995" in card
+    assert "moving average of every step's (decay 0.999," in card
+    args.ema = ""
+    assert "--ema" not in model_card(1000, args, 1.0, 0.5)
+    assert "moving average" not in model_card(1000, args, 1.0, 0.5)
+
+
 def test_a_run_can_start_from_a_checkpoints_weights(
     small_parts: tuple[object, object], tmp_path: Path
 ) -> None:

@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from oculo.engines.vector_maths import settle_vector_maths
 from oculo.testing.checkpoints import Size, build_tokenizer, idefics3_parts
-from training import fingerprint, lookup, patches, pixels, world
+from training import averaging, fingerprint, lookup, patches, pixels, world
 from training.data import MULTI_RATE, MULTI_TURNS, SYSTEM_RATE, TRAIN_MIX, Example, make_chat
 
 SIZE = Size(
@@ -617,6 +617,7 @@ def model_card(
         )
         + ("" if pinned else " --no-pin-math")
         + (f" --init-from {init}" if (init := getattr(args, "init_from", None)) else "")
+        + (f" --ema {ema}" if (ema := getattr(args, "ema", "")) else "")
     )
     kernels = (
         "the CPU's own kernels (`--no-pin-math`: another CPU may give other weights)"
@@ -762,7 +763,12 @@ tokens so printed words are spelled out), SmolVLM's chat template.
 {args.steps} steps of {args.batch_size} examples ({args.steps * args.batch_size:,} freshly drawn
 examples, none repeated; scenes larger than {args.draw_max} px are drawn at that size, the
 grain scaled to match, which the model cannot tell from a full-size drawing at its input size
-and costs far less), AdamW (peak lr {args.lr}, warm-up {args.warmup}, cosine),
+and costs far less), AdamW (peak lr {args.lr}, warm-up {args.warmup}, cosine){
+        f", the weights saved an exponential moving average of every step's (decay "
+        f"{averaging.parse_decays(ema)[0]:g}, `training/averaging.py`), not the last step's own"
+        if (ema := getattr(args, "ema", ""))
+        else ""
+    },
 {"bf16 autocast" if args.bf16 else "float32"}, {kernels},
 {minutes:.0f} minutes on {args.threads} threads of {cpu_name()}; final training loss {loss:.4f}.
 Beside the language loss on the answer, the vision tower is
@@ -1131,6 +1137,18 @@ def command_line() -> argparse.ArgumentParser:
     parser.add_argument("--probe", action="store_true", help="time 20 steps and stop")
     parser.add_argument("--save-every", type=int, default=0, help="also save snapshots")
     parser.add_argument(
+        "--ema",
+        default="",
+        help="save an exponential moving average of the weights instead of the last step's: "
+        "its decay (e.g. 0.999); several, comma-separated, save the first to --out and each "
+        "further one beside it as OUT-emaD (`training/averaging.py`)",
+    )
+    parser.add_argument(
+        "--keep-raw",
+        action="store_true",
+        help="with --ema: also save the last step's own weights, beside --out as OUT-raw",
+    )
+    parser.add_argument(
         "--stop-after",
         type=int,
         default=0,
@@ -1207,6 +1225,12 @@ def main() -> None:
         parser.error("--fingerprint records the first step of a short run: give --stop-after")
     if args.fingerprint and not 1 <= args.fingerprint_step <= args.stop_after:
         parser.error("--fingerprint-step must be one of the steps --stop-after runs")
+    try:
+        decays = averaging.parse_decays(args.ema) if args.ema else []
+    except ValueError as error:
+        parser.error(str(error))
+    if args.keep_raw and not decays:
+        parser.error("--keep-raw keeps the last step's weights beside an average: give --ema")
     if args.pin_math:
         pin_math(sys.argv[1:])
     print(f"kernels: {torch.backends.cpu.get_cpu_capability()}", flush=True)
@@ -1288,6 +1312,8 @@ def main() -> None:
         )
     recorded: dict[str, Any] | None = None
     trail: list[dict[str, Any]] = []
+    # --ema: averages of the weights, kept beside the run (they change nothing of it)
+    averages = [averaging.WeightAverage(model, d) for d in decays]
     digested = [  # what a fingerprint digests, gradients and weights, in one order
         (f"{where}.{name}", p)
         for where, whole in trained.items()
@@ -1366,6 +1392,8 @@ def main() -> None:
             recorder.active = False
         torch.nn.utils.clip_grad_norm_([*model.parameters(), *aids], 1.0)
         optimizer.step()
+        for average in averages:
+            average.update(step)
         if recorder is not None:  # each step's loss and weights, to find the step runs part at
             weights = fingerprint.weights(digested)
             trail.append({"step": step + 1, "loss": repr(total.item()), "weights": weights})
@@ -1428,8 +1456,20 @@ def main() -> None:
                 flush=True,
             )
         return
-    save(model, processor, args.out)
     minutes = (time.perf_counter() - started) / 60
+    if args.keep_raw and averages:  # the last step's own weights, beside the averages
+        save(model, processor, args.out.with_name(f"{args.out.name}-raw"))
+    for k, average in enumerate(averages):
+        with average.applied():
+            # --out holds the first decay's average; each further one a folder beside it
+            where = (
+                args.out
+                if k == 0
+                else args.out.with_name(averaging.folder_name(args.out.name, average.decay))
+            )
+            save(model, processor, where)
+    if not averages:
+        save(model, processor, args.out)
     write_log(args, log)
     (args.out / "README.md").write_text(model_card(params, args, minutes, log[-1]["loss"], size))
     print(f"saved to {args.out} after {(time.perf_counter() - started) / 60:.1f} min")
