@@ -8,7 +8,9 @@ with or without it.
 
 The decay ramps up from the run's first steps (`min(decay, (1 + step) / (10 + step))`, as in
 TensorFlow's `ExponentialMovingAverage` with `num_updates`), so that the random weights the run
-starts from weigh nothing by its end.
+starts from weigh nothing by its end. The ramp also caps the decay: at step t it is at most
+1 - 9 / (10 + t), 0.9986 at step 6,500, so every decay above that is the ramp all run long and
+gives one and the same average (training/README.md, run 63).
 """
 
 from __future__ import annotations
