@@ -1145,6 +1145,36 @@ def test_the_card_gives_the_command_with_its_weight_average() -> None:
     assert "moving average" not in model_card(1000, args, 1.0, 0.5)
 
 
+def test_the_cosine_ends_at_the_floor_asked_for_and_the_default_is_unchanged() -> None:
+    import math
+
+    from training.train import lr_at
+
+    # the default, as every shipped run had it: 5% of the peak at the end
+    assert lr_at(99, 100, 1.0, 10) == pytest.approx(
+        0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * 89 / 90))
+    )
+    assert lr_at(100, 100, 2.0, 10) == pytest.approx(0.1)
+    assert lr_at(100, 100, 2.0, 10, floor=0.2) == pytest.approx(0.4)
+    assert lr_at(10, 100, 2.0, 10, floor=0.2) == pytest.approx(2.0)  # the peak, after warm-up
+    assert lr_at(4, 100, 2.0, 10, floor=0.2) == pytest.approx(1.0)  # the warm-up is the same
+    middle = lr_at(55, 100, 1.0, 10, floor=0.2)
+    assert middle == pytest.approx(0.2 + 0.8 * 0.5)
+
+
+def test_the_card_gives_the_command_with_its_rate_floor() -> None:
+    from training.train import model_card
+
+    args = card_args()
+    args.lr_floor = 0.2
+    card = model_card(1000, args, 1.0, 0.5)
+    assert "--lr-floor 0.2" in card
+    assert "cosine down to 0.2 of the peak" in card
+    args.lr_floor = 0.05
+    assert "--lr-floor" not in model_card(1000, args, 1.0, 0.5)
+    assert "cosine)" in model_card(1000, args, 1.0, 0.5)
+
+
 def test_a_run_can_start_from_a_checkpoints_weights(
     small_parts: tuple[object, object], tmp_path: Path
 ) -> None:

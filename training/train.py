@@ -517,11 +517,15 @@ def mix_text(mix: Mapping[world.QuestionType, float]) -> str:
     return ",".join(f"{k}={v}" for k, v in mix.items())
 
 
-def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
+LR_FLOOR = 0.05  # where the cosine ends, a share of the peak
+
+
+def lr_at(step: int, total: int, peak: float, warmup: int, floor: float = LR_FLOOR) -> float:
+    """The rate at `step`: a linear warm-up to `peak`, then a cosine down to `floor * peak`."""
     if step < warmup:
         return peak * (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
-    return peak * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
+    return peak * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 def cpu_name() -> str:
@@ -617,6 +621,11 @@ def model_card(
         )
         + ("" if pinned else " --no-pin-math")
         + (f" --init-from {init}" if (init := getattr(args, "init_from", None)) else "")
+        + (
+            f" --lr-floor {floor}"
+            if (floor := getattr(args, "lr_floor", LR_FLOOR)) != LR_FLOOR
+            else ""
+        )
         + (f" --ema {ema}" if (ema := getattr(args, "ema", "")) else "")
     )
     kernels = (
@@ -763,7 +772,11 @@ tokens so printed words are spelled out), SmolVLM's chat template.
 {args.steps} steps of {args.batch_size} examples ({args.steps * args.batch_size:,} freshly drawn
 examples, none repeated; scenes larger than {args.draw_max} px are drawn at that size, the
 grain scaled to match, which the model cannot tell from a full-size drawing at its input size
-and costs far less), AdamW (peak lr {args.lr}, warm-up {args.warmup}, cosine){
+and costs far less), AdamW (peak lr {args.lr}, warm-up {args.warmup}, cosine{
+        f" down to {floor:g} of the peak"
+        if (floor := getattr(args, "lr_floor", LR_FLOOR)) != LR_FLOOR
+        else ""
+    }){
         f", the weights saved an exponential moving average of every step's (decay "
         f"{averaging.parse_decays(ema)[0]:g}, `training/averaging.py`), not the last step's own"
         if (ema := getattr(args, "ema", ""))
@@ -889,6 +902,13 @@ def command_line() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=48)
     parser.add_argument("--lr", type=float, default=1.5e-3)
     parser.add_argument("--warmup", type=int, default=200)
+    parser.add_argument(
+        "--lr-floor",
+        type=float,
+        default=LR_FLOOR,
+        help="where the cosine ends, a share of the peak rate (higher: the last steps move the "
+        "weights more, for an --ema average to smooth)",
+    )
     parser.add_argument(
         "--patch-weight",
         type=float,
@@ -1231,6 +1251,8 @@ def main() -> None:
         parser.error(str(error))
     if args.keep_raw and not decays:
         parser.error("--keep-raw keeps the last step's weights beside an average: give --ema")
+    if not 0.0 <= args.lr_floor < 1.0:
+        parser.error(f"--lr-floor is a share of the peak rate, from 0 up to 1: {args.lr_floor}")
     if args.pin_math:
         pin_math(sys.argv[1:])
     print(f"kernels: {torch.backends.cpu.get_cpu_capability()}", flush=True)
@@ -1338,7 +1360,7 @@ def main() -> None:
     log: list[dict[str, float]] = []
     for step, batch in enumerate(loader):
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, steps, args.lr, args.warmup)
+            group["lr"] = lr_at(step, steps, args.lr, args.warmup, args.lr_floor)
         inputs, aid = split_aids(batch)
         if recorder is not None:
             recorder.active = step + 1 == args.fingerprint_step
