@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 
@@ -70,3 +71,13 @@ def parse_decays(text: str) -> list[float]:
 def folder_name(name: str, decay: float) -> str:
     """Where a further average is written beside `--out`: `oculo-tiny-ema0.9995`."""
     return f"{name}-ema{decay:g}"
+
+
+def raw_folder(out: Path) -> Path:
+    """Where `--keep-raw` writes the last step's own weights beside `--out`: `OUT-raw`."""
+    return out.with_name(f"{out.name}-raw")
+
+
+def snapshot_folder(out: Path, step: int) -> Path:
+    """Where `--save-every` writes the weights after step `step` beside `--out`: `OUT-stepN`."""
+    return out.with_name(f"{out.name}-step{step}")

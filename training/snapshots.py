@@ -26,6 +26,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from training.averaging import raw_folder
+
 WEIGHTS = "model.safetensors"
 
 
@@ -41,7 +43,7 @@ def snapshots(run: Path) -> list[tuple[int, Path]]:
 
 def last_weights(run: Path) -> Path:
     """The folder holding the last step's own weights: `OUT-raw` beside an average, else `OUT`."""
-    raw = run.with_name(f"{run.name}-raw")
+    raw = raw_folder(run)
     return raw if (raw / WEIGHTS).exists() else run
 
 
@@ -88,12 +90,13 @@ def write(run: Path, out: Path, start: int | None, decay: float | None) -> str:
     """Average `run`'s snapshots into `out`; returns what was averaged, in a line."""
     last = last_step(run)
     points = [(step, folder) for step, folder in snapshots(run) if step < last]
-    points.append((last, last_weights(run)))
+    own = last_weights(run)
+    points.append((last, own))
     shares = weights_for([step for step, _ in points], last, start, decay)
     mean = average([folder for _, folder in points], shares)
     if out.exists():
         shutil.rmtree(out)
-    shutil.copytree(last_weights(run), out)
+    shutil.copytree(own, out)
     save_file(mean, out / WEIGHTS, metadata={"format": "pt"})
     used = [step for (step, _), share in zip(points, shares, strict=True) if share > 0.0]
     return (

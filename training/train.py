@@ -549,6 +549,7 @@ def model_card(
     params: int, args: argparse.Namespace, minutes: float, loss: float, size: Size = SIZE
 ) -> str:
     pinned = getattr(args, "pin_math", True)  # a Namespace without the flag: the default
+    floor = getattr(args, "lr_floor", LR_FLOOR)
     image_tokens = (size.image_size // size.patch_size) ** 2 // size.scale_factor**2
     command = (
         ".venv/bin/python -m training.train --out src/oculo/models/oculo-tiny "
@@ -621,11 +622,7 @@ def model_card(
         )
         + ("" if pinned else " --no-pin-math")
         + (f" --init-from {init}" if (init := getattr(args, "init_from", None)) else "")
-        + (
-            f" --lr-floor {floor}"
-            if (floor := getattr(args, "lr_floor", LR_FLOOR)) != LR_FLOOR
-            else ""
-        )
+        + (f" --lr-floor {floor}" if floor != LR_FLOOR else "")
         + (f" --ema {ema}" if (ema := getattr(args, "ema", "")) else "")
     )
     kernels = (
@@ -773,9 +770,7 @@ tokens so printed words are spelled out), SmolVLM's chat template.
 examples, none repeated; scenes larger than {args.draw_max} px are drawn at that size, the
 grain scaled to match, which the model cannot tell from a full-size drawing at its input size
 and costs far less), AdamW (peak lr {args.lr}, warm-up {args.warmup}, cosine{
-        f" down to {floor:g} of the peak"
-        if (floor := getattr(args, "lr_floor", LR_FLOOR)) != LR_FLOOR
-        else ""
+        f" down to {floor:g} of the peak" if floor != LR_FLOOR else ""
     }){
         f", the weights saved an exponential moving average of every step's (decay "
         f"{averaging.parse_decays(ema)[0]:g}, `training/averaging.py`), not the last step's own"
@@ -1459,7 +1454,7 @@ def main() -> None:
                 flush=True,
             )
         if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < steps:
-            save(model, processor, args.out.with_name(f"{args.out.name}-step{step + 1}"))
+            save(model, processor, averaging.snapshot_folder(args.out, step + 1))
     if args.probe or args.stop_after:
         done = args.stop_after or steps
         rate = done / (time.perf_counter() - started)
@@ -1480,7 +1475,7 @@ def main() -> None:
         return
     minutes = (time.perf_counter() - started) / 60
     if args.keep_raw and averages:  # the last step's own weights, beside the averages
-        save(model, processor, args.out.with_name(f"{args.out.name}-raw"))
+        save(model, processor, averaging.raw_folder(args.out))
     for k, average in enumerate(averages):
         with average.applied():
             # --out holds the first decay's average; each further one a folder beside it
