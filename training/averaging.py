@@ -15,6 +15,7 @@ gives one and the same average (training/README.md, run 63).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -81,3 +82,9 @@ def raw_folder(out: Path) -> Path:
 def snapshot_folder(out: Path, step: int) -> Path:
     """Where `--save-every` writes the weights after step `step` beside `--out`: `OUT-stepN`."""
     return out.with_name(f"{out.name}-step{step}")
+
+
+def snapshot_step(out: Path, folder: Path) -> int | None:
+    """The step a `snapshot_folder(out, step)` folder holds; None for any other folder."""
+    match = re.fullmatch(re.escape(out.name) + r"-step(\d+)", folder.name)
+    return int(match.group(1)) if match else None

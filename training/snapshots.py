@@ -19,14 +19,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import shutil
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from training.averaging import raw_folder
+from training.averaging import raw_folder, snapshot_step
 
 WEIGHTS = "model.safetensors"
 
@@ -34,10 +33,10 @@ WEIGHTS = "model.safetensors"
 def snapshots(run: Path) -> list[tuple[int, Path]]:
     """The run's `--save-every` snapshots, (step, folder), by step."""
     found = []
-    for folder in run.parent.glob(f"{run.name}-step*"):
-        match = re.fullmatch(re.escape(run.name) + r"-step(\d+)", folder.name)
-        if match and (folder / WEIGHTS).exists():
-            found.append((int(match.group(1)), folder))
+    for folder in run.parent.iterdir():
+        step = snapshot_step(run, folder)
+        if step is not None and (folder / WEIGHTS).exists():
+            found.append((step, folder))
     return sorted(found)
 
 
