@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from oculo.engines.vector_maths import settle_vector_maths
 from oculo.testing.checkpoints import Size, build_tokenizer, idefics3_parts
-from training import averaging, fingerprint, lookup, patches, pixels, world
+from training import averaging, fingerprint, lookup, patches, pixels, state, world
 from training.data import MULTI_RATE, MULTI_TURNS, SYSTEM_RATE, TRAIN_MIX, Example, make_chat
 
 SIZE = Size(
@@ -423,14 +423,19 @@ def chat_length(chat: Example, processor: Any) -> int:
 
 
 def run_batches(
-    args: argparse.Namespace, processor: Any, size: Size, seed: int | str, stop: int
+    args: argparse.Namespace,
+    processor: Any,
+    size: Size,
+    seed: int | str,
+    stop: int,
+    start: int = 0,
 ) -> Batches:
-    """Batches 0 to `stop` from `seed`, drawn as the command line `args` asks."""
+    """Batches `start` to `stop` from `seed`, drawn as the command line `args` asks."""
     return Batches(
         processor,
         seed,
         args.batch_size,
-        0,
+        start,
         stop,
         args.char_columns,
         args.draw_max or None,
@@ -518,6 +523,7 @@ def mix_text(mix: Mapping[world.QuestionType, float]) -> str:
 
 
 LR_FLOOR = 0.05  # where the cosine ends, a share of the peak
+LOG_EVERY = 50  # the log's stride in steps: the mean loss over each 50
 
 
 def lr_at(step: int, total: int, peak: float, warmup: int, floor: float = LR_FLOOR) -> float:
@@ -539,10 +545,18 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine() or "an unknown CPU"
 
 
-def write_log(args: argparse.Namespace, log: list[dict[str, float]]) -> None:
-    (args.out / "training_log.json").write_text(
-        json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "log": log}, indent=1)
-    )
+def args_text(args: argparse.Namespace) -> dict[str, str]:
+    """The command line `args` as the log and a run's saved state keep it."""
+    return {k: str(v) for k, v in vars(args).items()}
+
+
+def write_log(args: argparse.Namespace, log: list[dict[str, float]], resumed: Any = None) -> None:
+    """`training_log.json`: the command line, and the loss every 50 steps; for a run resumed
+    from a saved state (`--resume`), also the step it went on from and that run's command line."""
+    body: dict[str, Any] = {"args": args_text(args), "log": log}
+    if resumed is not None:
+        body["resumed"] = resumed
+    (args.out / "training_log.json").write_text(json.dumps(body, indent=1))
 
 
 def model_card(
@@ -622,6 +636,7 @@ def model_card(
         )
         + ("" if pinned else " --no-pin-math")
         + (f" --init-from {init}" if (init := getattr(args, "init_from", None)) else "")
+        + (f" --resume {resume}" if (resume := getattr(args, "resume", None)) else "")
         + (f" --lr-floor {floor}" if floor != LR_FLOOR else "")
         + (f" --ema {ema}" if (ema := getattr(args, "ema", "")) else "")
     )
@@ -1141,6 +1156,20 @@ def command_line() -> argparse.ArgumentParser:
         "--seed), on batches of their own: to try a change to the data in minutes",
     )
     parser.add_argument(
+        "--save-state",
+        default="",
+        help="STEP[,STEP...]: after each of these steps (multiples of 50, the log's stride) "
+        "write the run's whole state beside --out as OUT-stateSTEP, for --resume",
+    )
+    parser.add_argument(
+        "--resume",
+        type=Path,
+        default=None,
+        help="go on from a state --save-state wrote (OUT-stateSTEP), at the step after it: "
+        "with the same command, bit for bit the run that was not stopped; with another "
+        "schedule or other data (--lr-floor, --mix, ...), that run's last stretch done otherwise",
+    )
+    parser.add_argument(
         "--bucket",
         type=int,
         default=1,
@@ -1248,6 +1277,25 @@ def main() -> None:
         parser.error("--keep-raw keeps the last step's weights beside an average: give --ema")
     if not 0.0 <= args.lr_floor < 1.0:
         parser.error(f"--lr-floor is a share of the peak rate, from 0 up to 1: {args.lr_floor}")
+    try:
+        save_steps = {int(part) for part in args.save_state.split(",") if part.strip()}
+    except ValueError:
+        parser.error(f"--save-state takes steps, comma-separated: {args.save_state!r}")
+    if any(k <= 0 or k % LOG_EVERY for k in save_steps):
+        parser.error(f"--save-state steps are multiples of {LOG_EVERY}: {args.save_state}")
+    resumed: state.State | None = None
+    if args.resume:
+        if args.init_from or args.probe or args.tower_steps:
+            parser.error(
+                "--resume goes on from a saved state: not with --init-from, --probe "
+                "or --tower-steps"
+            )
+        try:
+            resumed = state.load(args.resume)
+        except FileNotFoundError as error:
+            parser.error(str(error))
+        if resumed.step >= (args.stop_after or args.steps):
+            parser.error(f"the state is after step {resumed.step}: nothing is left to run")
     if args.pin_math:
         pin_math(sys.argv[1:])
     print(f"kernels: {torch.backends.cpu.get_cpu_capability()}", flush=True)
@@ -1270,6 +1318,7 @@ def main() -> None:
         # a run that goes on from a checkpoint draws batches that checkpoint never saw
         f"{args.seed}:continued" if args.init_from else args.seed,
         args.stop_after or steps,
+        start=resumed.step if resumed else 0,
     )
     # --draw-first: every batch held in memory, drawn before the clock starts (a short timed run)
     loader: Iterable[dict[str, torch.Tensor]] = (
@@ -1342,7 +1391,17 @@ def main() -> None:
     if args.vision_attention == "eager":
         model.model.vision_model.config._attn_implementation = "eager"
     model.train()
-    started = time.perf_counter()
+    first = 0  # the first step this process runs (0, or the step after a resumed state)
+    log: list[dict[str, float]] = []
+    spent = 0.0  # minutes spent before this process, by the run a state was saved from
+    if resumed is not None:
+        try:
+            state.restore(resumed, trained, optimizer, averages)
+        except ValueError as error:
+            parser.error(f"--resume {args.resume}: {error}")
+        first, log, spent = resumed.step, resumed.log, resumed.minutes
+        print(f"resumed after step {first} from {args.resume}", flush=True)
+    started = time.perf_counter() - spent * 60
     if args.tower_steps and not args.probe:
         warm_tower(model, processor, heads, token_heads, args, size)
     looping = time.perf_counter()  # the whole model's steps/s leave the warm-up out
@@ -1352,8 +1411,7 @@ def main() -> None:
     read_window: list[float] = []
     item_window: list[float] = []
     named_colour: float | None = None
-    log: list[dict[str, float]] = []
-    for step, batch in enumerate(loader):
+    for step, batch in enumerate(loader, start=first):
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, steps, args.lr, args.warmup, args.lr_floor)
         inputs, aid = split_aids(batch)
@@ -1416,7 +1474,7 @@ def main() -> None:
             trail.append({"step": step + 1, "loss": repr(total.item()), "weights": weights})
         window.append(loss.item())
         patch_window.append(seen.item())
-        if (step + 1) % 50 == 0 or step + 1 == steps:
+        if (step + 1) % LOG_EVERY == 0 or step + 1 == steps:
             elapsed = time.perf_counter() - started
             mean = sum(window) / len(window)
             patch_mean = sum(patch_window) / len(patch_window)
@@ -1449,21 +1507,33 @@ def main() -> None:
             log.append({**entry, "minutes": elapsed / 60})
             print(
                 f"step {step + 1}/{steps} loss {mean:.4f} patches {patch_mean:.4f} ({read}) "
-                f"{(step + 1) / (time.perf_counter() - looping):.2f} steps/s "
+                f"{(step + 1 - first) / (time.perf_counter() - looping):.2f} steps/s "
                 f"{elapsed / 60:.1f} min",
                 flush=True,
             )
         if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < steps:
             save(model, processor, averaging.snapshot_folder(args.out, step + 1))
+        if step + 1 in save_steps:
+            state.save(
+                state.folder(args.out, step + 1),
+                step + 1,
+                trained,
+                optimizer,
+                averages,
+                log,
+                (time.perf_counter() - started) / 60,
+                args_text(args),
+            )
+    origin = {"step": first, "args": resumed.args} if resumed is not None else None
     if args.probe or args.stop_after:
         done = args.stop_after or steps
-        rate = done / (time.perf_counter() - started)
+        rate = (done - first) / (time.perf_counter() - started - spent * 60)
         print(f"stopped after {done} steps: {rate:.2f} steps/s")
         if args.probe:  # it reads a little low: the first steps warm up
             print(run_estimate(args.steps, rate), flush=True)
         if args.stop_after:  # the log, to set beside a whole run's: no weights are saved
             args.out.mkdir(parents=True, exist_ok=True)
-            write_log(args, log)
+            write_log(args, log, origin)
         if args.fingerprint and recorded is not None:
             recorded["trail"] = trail
             args.fingerprint.write_text(json.dumps(recorded, indent=1) + "\n")
@@ -1487,7 +1557,7 @@ def main() -> None:
             save(model, processor, where)
     if not averages:
         save(model, processor, args.out)
-    write_log(args, log)
+    write_log(args, log, origin)
     (args.out / "README.md").write_text(model_card(params, args, minutes, log[-1]["loss"], size))
     print(f"saved to {args.out} after {(time.perf_counter() - started) / 60:.1f} min")
 
