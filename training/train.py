@@ -1284,20 +1284,19 @@ def main() -> None:
     if any(k <= 0 or k % LOG_EVERY for k in save_steps):
         parser.error(f"--save-state steps are multiples of {LOG_EVERY}: {args.save_state}")
     resumed: state.State | None = None
-    if args.resume:
-        if args.init_from or args.probe or args.tower_steps:
-            parser.error(
-                "--resume goes on from a saved state: not with --init-from, --probe "
-                "or --tower-steps"
-            )
+    if args.resume and (args.init_from or args.probe or args.tower_steps):
+        parser.error(
+            "--resume goes on from a saved state: not with --init-from, --probe or --tower-steps"
+        )
+    if args.pin_math:
+        pin_math(sys.argv[1:])
+    if args.resume:  # loaded after the pins' fresh interpreter, not before it too
         try:
             resumed = state.load(args.resume)
         except FileNotFoundError as error:
             parser.error(str(error))
         if resumed.step >= (args.stop_after or args.steps):
             parser.error(f"the state is after step {resumed.step}: nothing is left to run")
-    if args.pin_math:
-        pin_math(sys.argv[1:])
     print(f"kernels: {torch.backends.cpu.get_cpu_capability()}", flush=True)
 
     settle_vector_maths()
