@@ -72,6 +72,32 @@ def test_a_run_resumed_from_its_saved_state_ends_with_the_same_weights(tmp_path:
     assert "resumed" not in json.loads((tmp_path / "whole" / "training_log.json").read_text())
 
 
+LATE = "describe=0.1,count=0.0,color=0.0,exists=0.0,text=0.9,pair=0.5"
+
+
+def test_a_late_mix_in_one_run_is_a_resumed_run_with_that_mix(tmp_path: Path) -> None:
+    """`--late-mix 50:MIX` from scratch writes what the state after step 50 resumed with `--mix
+    MIX` writes: a last stretch screened from a saved state is then one command from scratch.
+    And the late mix changes the run (its losses after step 50 are not the plain run's)."""
+    first = train(tmp_path / "first", "--save-state", "50", "--stop-after", "50")
+    assert first.returncode == 0, first.stderr[-3000:]
+    tail = train(
+        tmp_path / "tail", "--resume", str(state.folder(tmp_path / "first", 50)), "--mix", LATE
+    )
+    assert tail.returncode == 0, tail.stderr[-3000:]
+    whole = train(tmp_path / "whole", "--late-mix", f"50:{LATE}")
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    for name in ("", "-raw"):
+        mine = (tmp_path / f"whole{name}" / "model.safetensors").read_bytes()
+        assert mine == (tmp_path / f"tail{name}" / "model.safetensors").read_bytes(), name
+    assert losses(tmp_path / "whole") == losses(tmp_path / "tail")
+    plain = train(tmp_path / "plain", "--stop-after", "100")
+    assert plain.returncode == 0, plain.stderr[-3000:]
+    assert losses(tmp_path / "plain")[0] == losses(tmp_path / "whole")[0]  # step 50: the same
+    assert losses(tmp_path / "plain")[1] != losses(tmp_path / "whole")[1]
+    assert "--late-mix 50:describe=0.1," in (tmp_path / "whole" / "README.md").read_text()
+
+
 def test_a_state_that_does_not_fit_the_run_is_refused_by_name(tmp_path: Path) -> None:
     torch.manual_seed(0)
     model = torch.nn.Linear(3, 2)
@@ -142,3 +168,7 @@ def test_states_are_saved_at_the_logs_stride_and_resumed_from_alone() -> None:
     assert "not with --init-from" in refused("--resume", "a", "--init-from", "b")
     assert "no run state in nowhere" in refused("--resume", "nowhere")
     assert command_line().parse_args(["--out", "x", "--save-state", "50,100"]).save_state
+    assert "give STEP:kind=weight" in refused("--late-mix", "text=0.3")
+    assert "is not one of" in refused("--late-mix", "50:words=0.3")
+    late = command_line().parse_args(["--out", "x", "--late-mix", "5000:text=0.25"]).late_mix
+    assert late[0] == 5000 and late[1]["text"] == 0.25 and late[1]["pair"] > 0

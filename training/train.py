@@ -318,8 +318,10 @@ class Batches(IterableDataset[dict[str, torch.Tensor]]):
         read_pairs: bool = False,
         bucket: int = 1,
         shapes: world.ShapeVariety = world.TRAINING_SHAPES,
+        late_mix: tuple[int, Mapping[world.QuestionType, float]] | None = None,
     ) -> None:
         self.processor = processor
+        self.late_mix = late_mix
         self.shapes = shapes
         self.bucket = bucket
         self.read_pairs = read_pairs
@@ -377,14 +379,22 @@ class Batches(IterableDataset[dict[str, torch.Tensor]]):
                 if self.start <= step < self.stop:
                     yield step, examples
 
+    def mix_at(self, step: int) -> Mapping[world.QuestionType, float]:
+        """The question mix of step `step` (counted from 0): `--mix`, and `--late-mix`'s from
+        its step on."""
+        if self.late_mix is not None and step >= self.late_mix[0]:
+            return self.late_mix[1]
+        return self.mix
+
     def draw(self, step: int) -> list[Example]:
-        """Step `step`'s chats, drawn from its own seed."""
-        singles: list[world.QuestionType] = [k for k in self.mix if k != "pair"]
-        weights = [self.mix[k] for k in singles]
+        """Step `step`'s chats, drawn from its own seed (steps counted from 0)."""
+        mix = self.mix_at(step)
+        singles: list[world.QuestionType] = [k for k in mix if k != "pair"]
+        weights = [mix[k] for k in singles]
         rng = random.Random(f"{self.seed}:{step}")
         # Two-image examples are twice as long: batching them apart saves the padding.
         kinds: list[world.QuestionType]
-        if rng.random() < self.mix["pair"]:
+        if rng.random() < mix["pair"]:
             kinds = ["pair"] * self.batch_size
         else:
             kinds = rng.choices(singles, weights=weights, k=self.batch_size)
@@ -405,7 +415,7 @@ class Batches(IterableDataset[dict[str, torch.Tensor]]):
                 text_rate=self.text_rate,
                 number_rate=self.number_rate,
                 bitmap_numbers=self.bitmap_numbers,
-                mix=self.mix,
+                mix=mix,
                 text_anywhere=self.text_anywhere,
                 text_drift=self.text_drift,
                 shapes=self.shapes,
@@ -454,6 +464,7 @@ def run_batches(
         args.read_pairs,
         getattr(args, "bucket", 1),
         shape_variety(args),
+        getattr(args, "late_mix", None),
     )
 
 
@@ -515,6 +526,15 @@ def parse_mix(text: str) -> dict[world.QuestionType, float]:
     if not any(v for k, v in mix.items() if k != "pair"):
         raise argparse.ArgumentTypeError("some single-image question needs a weight")
     return mix
+
+
+def parse_late_mix(text: str) -> tuple[int, dict[world.QuestionType, float]]:
+    """`--late-mix`: "5000:text=0.25,pair=0.3", the step it starts after and the mix (as
+    `--mix` reads it, from `TRAIN_MIX`)."""
+    step, colon, mix = text.partition(":")
+    if not colon or not step.strip().isdigit() or int(step) <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: give STEP:kind=weight,... (STEP above 0)")
+    return int(step), parse_mix(mix)
 
 
 def mix_text(mix: Mapping[world.QuestionType, float]) -> str:
@@ -612,6 +632,11 @@ def model_card(
         + (
             f" --mix {mix_text(mix)}"
             if (mix := getattr(args, "mix", TRAIN_MIX)) != TRAIN_MIX
+            else ""
+        )
+        + (
+            f" --late-mix {late[0]}:{mix_text(late[1])}"
+            if (late := getattr(args, "late_mix", None)) is not None
             else ""
         )
         + (
@@ -1105,6 +1130,14 @@ def command_line() -> argparse.ArgumentParser:
         help="the question mix, as kind=weight pairs (describe=0.3,count=0.07,...): the kinds "
         f"named take these weights, the others keep theirs ({mix_text(TRAIN_MIX)}); pair is the "
         "share of batches of two-image chats, the rest weigh a single image's questions",
+    )
+    parser.add_argument(
+        "--late-mix",
+        type=parse_late_mix,
+        default=None,
+        help="STEP:kind=weight,...: from the step after STEP on, this question mix (read as "
+        "--mix reads it) in place of --mix's; a whole run with it computes what a run resumed "
+        "from --save-state STEP with that --mix computes, bit for bit",
     )
     parser.add_argument(
         "--scale-factor",
