@@ -95,7 +95,9 @@ def test_a_late_mix_in_one_run_is_a_resumed_run_with_that_mix(tmp_path: Path) ->
     assert plain.returncode == 0, plain.stderr[-3000:]
     assert losses(tmp_path / "plain")[0] == losses(tmp_path / "whole")[0]  # step 50: the same
     assert losses(tmp_path / "plain")[1] != losses(tmp_path / "whole")[1]
-    assert "--late-mix 50:describe=0.1," in (tmp_path / "whole" / "README.md").read_text()
+    card = " ".join((tmp_path / "whole" / "README.md").read_text().split())
+    assert "--late-mix 50:describe=0.1," in card
+    assert "two-image descriptions to step 50, 50% after it" in card
 
 
 def test_a_state_that_does_not_fit_the_run_is_refused_by_name(tmp_path: Path) -> None:

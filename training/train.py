@@ -835,7 +835,12 @@ for each token ({"shape, colour and characters" if args.token_chars else "shape 
     };
 `training/patches.py`). {tower}{look_up}These are training aids, not saved: the checkpoint
 is a plain Idefics3 model. {round(100 * getattr(args, "mix", TRAIN_MIX)["pair"])}% of the
-training batches are two-image descriptions, and half the others chats of several questions
+training batches are two-image descriptions{
+        f" to step {late[0]:,}, {round(100 * late[1]['pair'])}% after it (the last stretch's "
+        "question mix, `--late-mix`)"
+        if (late := getattr(args, "late_mix", None)) is not None
+        else ""
+    }, and half the others chats of several questions
 about one image; the rows of a batch share one layout (one question or several, with or
 without a system message), so that they pad to similar lengths{
         f", and the chats of {bucket} steps in a row are sorted by length and cut into batches "
