@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from training import averaging
+from training import averaging, optimizers
 
 FILE = "state.pt"
 
@@ -51,7 +51,7 @@ def save(
     where: Path,
     step: int,
     modules: dict[str, torch.nn.Module],
-    optimizer: torch.optim.Optimizer,
+    optimizer: optimizers.Optimizer,
     averages: list[averaging.WeightAverage],
     log: list[dict[str, float]],
     minutes: float,
@@ -95,7 +95,7 @@ def load(where: Path) -> State:
 def restore(
     state: State,
     modules: dict[str, torch.nn.Module],
-    optimizer: torch.optim.Optimizer,
+    optimizer: optimizers.Optimizer,
     averages: list[averaging.WeightAverage],
 ) -> None:
     """Put `state` back into a run built the same way: each module's weights (strictly: the same
@@ -113,7 +113,7 @@ def restore(
             raise ValueError(f"{name}: the state's weights do not fit this run: {error}") from None
     try:
         optimizer.load_state_dict(state.optimizer)
-    except ValueError as error:
+    except (ValueError, KeyError) as error:
         raise ValueError(f"the optimizer's state does not fit this run: {error}") from None
     decays = [decay for decay, _ in state.averages]
     if decays != [a.decay for a in averages]:

@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from oculo.engines.vector_maths import settle_vector_maths
 from oculo.testing.checkpoints import Size, build_tokenizer, idefics3_parts
-from training import averaging, fingerprint, lookup, patches, pixels, state, world
+from training import averaging, fingerprint, lookup, optimizers, patches, pixels, state, world
 from training.data import MULTI_RATE, MULTI_TURNS, SYSTEM_RATE, TRAIN_MIX, Example, make_chat
 
 SIZE = Size(
@@ -664,6 +664,12 @@ def model_card(
         + (f" --resume {resume}" if (resume := getattr(args, "resume", None)) else "")
         + (f" --lr-floor {floor}" if floor != LR_FLOOR else "")
         + (f" --ema {ema}" if (ema := getattr(args, "ema", "")) else "")
+        + (
+            f" --optimizer {kind}"
+            if (kind := getattr(args, "optimizer", "adamw")) != "adamw"
+            else ""
+        )
+        + (f" --muon-scale {muon}" if (muon := getattr(args, "muon_scale", 1.0)) != 1.0 else "")
     )
     kernels = (
         "the CPU's own kernels (`--no-pin-math`: another CPU may give other weights)"
@@ -809,7 +815,11 @@ tokens so printed words are spelled out), SmolVLM's chat template.
 {args.steps} steps of {args.batch_size} examples ({args.steps * args.batch_size:,} freshly drawn
 examples, none repeated; scenes larger than {args.draw_max} px are drawn at that size, the
 grain scaled to match, which the model cannot tell from a full-size drawing at its input size
-and costs far less), AdamW (peak lr {args.lr}, warm-up {args.warmup}, cosine{
+and costs far less), {
+        "AdamW"
+        if getattr(args, "optimizer", "adamw") == "adamw"
+        else "Muon on the transformer layers' matrices and the connector's, AdamW on the rest"
+    } (peak lr {args.lr}, warm-up {args.warmup}, cosine{
         f" down to {floor:g} of the peak" if floor != LR_FLOOR else ""
     }){
         f", the weights saved an exponential moving average of every step's (decay "
@@ -1266,6 +1276,21 @@ def command_line() -> argparse.ArgumentParser:
         "two matrix products and a softmax (eager), to see whether the vendors' sums part there "
         "(`--fingerprint`); a checkpoint loads with the default either way",
     )
+    parser.add_argument(
+        "--optimizer",
+        choices=optimizers.KINDS,
+        default="adamw",
+        help="AdamW on every weight (the shipped runs'), or Muon on the transformer layers' "
+        "matrices and the connector's with AdamW on the rest, at AdamW's rate and schedule "
+        "(training/optimizers.py)",
+    )
+    parser.add_argument(
+        "--muon-scale",
+        type=float,
+        default=1.0,
+        help="with --optimizer muon: Muon's peak rate as a multiple of --lr (its steps are "
+        "scaled to AdamW's size at 1; Keller Jordan's defaults take steps about 4 times that)",
+    )
     parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=False)
     parser.add_argument(
         "--pin-math",
@@ -1395,8 +1420,8 @@ def main() -> None:
         aids += list(kind_readout.parameters())
         if not args.colour_weight:
             aids += list(readout.parameters())
-    optimizer = torch.optim.AdamW(
-        [*model.parameters(), *aids], lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98)
+    optimizer = optimizers.build(
+        getattr(args, "optimizer", "adamw"), model, aids, args.lr, args.muon_scale
     )
     trained: dict[str, torch.nn.Module] = {
         "model": model,
@@ -1450,7 +1475,9 @@ def main() -> None:
     named_colour: float | None = None
     for step, batch in enumerate(loader, start=first):
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, steps, args.lr, args.warmup, args.lr_floor)
+            group["lr"] = lr_at(step, steps, args.lr, args.warmup, args.lr_floor) * group.get(
+                "scale", 1.0
+            )
         inputs, aid = split_aids(batch)
         if recorder is not None:
             recorder.active = step + 1 == args.fingerprint_step
