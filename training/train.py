@@ -1420,9 +1420,7 @@ def main() -> None:
         aids += list(kind_readout.parameters())
         if not args.colour_weight:
             aids += list(readout.parameters())
-    optimizer = optimizers.build(
-        getattr(args, "optimizer", "adamw"), model, aids, args.lr, args.muon_scale
-    )
+    optimizer = optimizers.build(args.optimizer, model, aids, args.lr, args.muon_scale)
     trained: dict[str, torch.nn.Module] = {
         "model": model,
         "patch_heads": heads,
