@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,7 +13,7 @@ from transformers import AutoModelForImageTextToText
 
 from oculo.testing.checkpoints import Size, build_tokenizer, idefics3_parts
 from tests.test_training_state import losses, train
-from training import averaging, optimizers, state
+from training import averaging, lookup, optimizers, state
 from training.train import ISOLATE, tokenizer_corpus
 
 
@@ -85,7 +87,7 @@ def test_a_muon_run_resumes_bit_for_bit_and_says_so_on_its_card(tmp_path: Path) 
     """Both optimizers' moments go into a saved state and come back; the card names the
     optimizer and its scale so that the command on it trains the same run; an AdamW state does
     not resume a Muon run."""
-    extra = ("--optimizer", "muon", "--muon-scale", "2")
+    extra = ("--optimizer", "muon", "--muon-scale", "2", "--muon-skip", "lookup-attention")
     whole = train(tmp_path / "whole", *extra, "--save-state", "50")
     assert whole.returncode == 0, whole.stderr[-3000:]
     saved = state.folder(tmp_path / "whole", 50)
@@ -98,10 +100,51 @@ def test_a_muon_run_resumes_bit_for_bit_and_says_so_on_its_card(tmp_path: Path) 
         ).read_bytes(), (a, b)
     assert losses(tmp_path / "resumed") == losses(tmp_path / "whole")
     card = (tmp_path / "whole" / "README.md").read_text()
-    assert "--optimizer muon --muon-scale 2.0" in card
-    assert "Muon on the transformer layers' matrices" in card
+    assert "--optimizer muon --muon-scale 2.0 --muon-skip lookup-attention" in card
+    assert "Muon on the transformer layers' matrices and the connector's but the attention" in card
     args = json.loads((tmp_path / "whole" / "training_log.json").read_text())["args"]
     assert args["optimizer"] == "muon"
     wrong = train(tmp_path / "wrong", "--resume", str(saved))  # AdamW, from a Muon state
     assert wrong.returncode != 0
     assert "the optimizer's state does not fit this run" in wrong.stderr
+
+
+@pytest.mark.parametrize("skip", ["text-attention", "lookup-attention"])
+def test_muon_skip_keeps_the_language_models_attention_on_adamw(skip: str) -> None:
+    """`--muon-skip text-attention` leaves every language-model layer's attention matrices to
+    AdamW, `lookup-attention` only those of the look-up head's layer; the tower's attention and
+    every MLP stay on Muon either way."""
+    tokenizer = build_tokenizer(
+        "idefics3", tokenizer_corpus(0, n=300), vocab_size=300, isolate=ISOLATE
+    )
+    size = Size(image_size=32, patch_size=8, hidden=32, layers=3, heads=2, vision_hidden=32,
+                vision_layers=1, vision_heads=2)  # fmt: skip
+    config, _ = idefics3_parts(tokenizer, size)
+    model = AutoModelForImageTextToText.from_config(config)
+    built = optimizers.build("muon", model, [], lr=0.001, muon_skip=skip)
+    assert isinstance(built, optimizers.Together)
+    names = {id(p): n for n, p in model.named_parameters()}
+    muon = {names[id(p)] for g in built.parts["muon"].param_groups for p in g["params"]}
+    adamw = {names[id(p)] for g in built.parts["adamw"].param_groups for p in g["params"]}
+    assert muon.isdisjoint(adamw) and muon | adamw == set(names.values())
+    attention = [n for n in names.values() if "text_model.layers." in n and ".self_attn." in n]
+    assert len(attention) == 3 * 4  # q, k, v and o in each of the three layers
+    for name in attention:
+        on_adamw = skip == "text-attention" or f"layers.{lookup.LAYER}." in name
+        assert (name in adamw) == on_adamw, name
+    for layer in range(3):
+        assert any(f"text_model.layers.{layer}.mlp.down_proj" in n for n in muon)
+    assert any("vision_model.encoder.layers.0.self_attn.q_proj" in n for n in muon)
+    with pytest.raises(ValueError, match="unknown --muon-skip"):
+        optimizers.for_muon("x", torch.zeros(2, 2), "everything")
+
+
+def test_muons_settings_are_refused_without_muon() -> None:
+    run = subprocess.run(
+        [sys.executable, "-m", "training.train", "--out", "x", "--muon-skip", "text-attention"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode != 0
+    assert "give --optimizer muon" in run.stderr

@@ -12,12 +12,23 @@ to be used. Muon's steps are scaled to AdamW's size (Moonshot's rule, torch's
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterable
 from typing import Any, Protocol
 
 import torch
 
+from training import lookup
+
 KINDS = ("adamw", "muon")
+# `--muon-skip`: matrices of the layers that stay on AdamW under `--optimizer muon`. Muon's
+# orthogonal steps move every direction of a matrix alike; the look-up head (`training/lookup.py`)
+# needs a few directions of its query and key to grow sharp, which AdamW's steps favour.
+SKIPS: dict[str, re.Pattern[str] | None] = {
+    "none": None,
+    "text-attention": re.compile(r"text_model\.layers\.\d+\.self_attn\."),
+    "lookup-attention": re.compile(rf"text_model\.layers\.{lookup.LAYER}\.self_attn\."),
+}
 BETAS = (0.9, 0.98)
 WEIGHT_DECAY = 0.01
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # torch.optim.Muon's (Keller Jordan's)
@@ -117,10 +128,18 @@ class Muon(torch.optim.Optimizer):
                 param.add_(update, alpha=-lr * 0.2 * math.sqrt(max(param.shape)))
 
 
-def for_muon(name: str, parameter: torch.Tensor) -> bool:
+def for_muon(name: str, parameter: torch.Tensor, skip: str = "none") -> bool:
     """Whether Muon trains this weight of the model: a matrix inside a transformer layer, or the
-    connector's projection (not embeddings, the language model's head, norms or biases)."""
-    return parameter.ndim == 2 and (".layers." in name or "modality_projection" in name)
+    connector's projection (not embeddings, the language model's head, norms or biases), unless
+    `skip` (a key of `SKIPS`) keeps it on AdamW."""
+    if skip not in SKIPS:
+        raise ValueError(f"unknown --muon-skip {skip!r}: one of {', '.join(SKIPS)}")
+    kept = SKIPS[skip]
+    return (
+        parameter.ndim == 2
+        and (".layers." in name or "modality_projection" in name)
+        and not (kept is not None and kept.search(name))
+    )
 
 
 def build(
@@ -129,10 +148,11 @@ def build(
     aids: Iterable[torch.nn.Parameter],
     lr: float,
     muon_scale: float = 1.0,
+    muon_skip: str = "none",
 ) -> Optimizer:
     """The optimizer `kind` over the model's weights and the read-out heads' (`aids`); with
     `muon`, Muon's peak rate is `muon_scale` times AdamW's (each group's `scale`, which the
-    schedule multiplies its rate by)."""
+    schedule multiplies its rate by), and the matrices `muon_skip` names stay on AdamW."""
     aids = list(aids)
     if kind == "adamw":  # the parameters in the order every shipped run gave them
         return torch.optim.AdamW(
@@ -140,8 +160,8 @@ def build(
         )
     if kind != "muon":
         raise ValueError(f"unknown optimizer {kind!r}: one of {', '.join(KINDS)}")
-    matrices = [p for n, p in model.named_parameters() if for_muon(n, p)]
-    rest = [p for n, p in model.named_parameters() if not for_muon(n, p)] + aids
+    matrices = [p for n, p in model.named_parameters() if for_muon(n, p, muon_skip)]
+    rest = [p for n, p in model.named_parameters() if not for_muon(n, p, muon_skip)] + aids
     return Together(
         {
             "muon": Muon(matrices, lr=lr * muon_scale, scale=muon_scale),

@@ -670,6 +670,7 @@ def model_card(
             else ""
         )
         + (f" --muon-scale {muon}" if (muon := getattr(args, "muon_scale", 1.0)) != 1.0 else "")
+        + (f" --muon-skip {skip}" if (skip := getattr(args, "muon_skip", "none")) != "none" else "")
     )
     kernels = (
         "the CPU's own kernels (`--no-pin-math`: another CPU may give other weights)"
@@ -818,7 +819,13 @@ grain scaled to match, which the model cannot tell from a full-size drawing at i
 and costs far less), {
         "AdamW"
         if getattr(args, "optimizer", "adamw") == "adamw"
-        else "Muon on the transformer layers' matrices and the connector's, AdamW on the rest"
+        else "Muon on the transformer layers' matrices and the connector's"
+        + {
+            "none": "",
+            "text-attention": " but the language model's attention",
+            "lookup-attention": f" but the attention of the look-up head's layer ({lookup.LAYER})",
+        }[getattr(args, "muon_skip", "none")]
+        + ", AdamW on the rest"
     } (peak lr {args.lr}, warm-up {args.warmup}, cosine{
         f" down to {floor:g} of the peak" if floor != LR_FLOOR else ""
     }){
@@ -1291,6 +1298,14 @@ def command_line() -> argparse.ArgumentParser:
         help="with --optimizer muon: Muon's peak rate as a multiple of --lr (its steps are "
         "scaled to AdamW's size at 1; Keller Jordan's defaults take steps about 4 times that)",
     )
+    parser.add_argument(
+        "--muon-skip",
+        choices=list(optimizers.SKIPS),
+        default="none",
+        help="with --optimizer muon: layers' matrices kept on AdamW: the language model's "
+        "attention (text-attention), or that of the look-up head's layer alone "
+        "(lookup-attention)",
+    )
     parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=False)
     parser.add_argument(
         "--pin-math",
@@ -1338,6 +1353,8 @@ def main() -> None:
         parser.error(str(error))
     if args.keep_raw and not decays:
         parser.error("--keep-raw keeps the last step's weights beside an average: give --ema")
+    if args.optimizer != "muon" and (args.muon_scale != 1.0 or args.muon_skip != "none"):
+        parser.error("--muon-scale and --muon-skip shape Muon's steps: give --optimizer muon")
     if not 0.0 <= args.lr_floor < 1.0:
         parser.error(f"--lr-floor is a share of the peak rate, from 0 up to 1: {args.lr_floor}")
     try:
@@ -1420,7 +1437,9 @@ def main() -> None:
         aids += list(kind_readout.parameters())
         if not args.colour_weight:
             aids += list(readout.parameters())
-    optimizer = optimizers.build(args.optimizer, model, aids, args.lr, args.muon_scale)
+    optimizer = optimizers.build(
+        args.optimizer, model, aids, args.lr, args.muon_scale, args.muon_skip
+    )
     trained: dict[str, torch.nn.Module] = {
         "model": model,
         "patch_heads": heads,
