@@ -21,9 +21,10 @@ import torch
 from training import lookup
 
 KINDS = ("adamw", "muon")
-# `--muon-skip`: matrices of the layers that stay on AdamW under `--optimizer muon`. Muon's
-# orthogonal steps move every direction of a matrix alike; the look-up head (`training/lookup.py`)
-# needs a few directions of its query and key to grow sharp, which AdamW's steps favour.
+# `--muon-skip`: matrices of the layers that stay on AdamW under `--optimizer muon`, tried for
+# the look-up head (`training/lookup.py`). Measured (training/README.md, runs 72-73): neither
+# split helped; the language model's attention gives Muon its lead, and layer 1 alone on AdamW
+# never learned the look-up.
 SKIPS: dict[str, re.Pattern[str] | None] = {
     "none": None,
     "text-attention": re.compile(r"text_model\.layers\.\d+\.self_attn\."),
