@@ -439,6 +439,44 @@ def test_a_batch_gives_its_chats_one_layout(monkeypatch: pytest.MonkeyPatch) -> 
     assert layouts == {(False, False), (False, True), (True, False), (True, True)}
 
 
+def test_max_turns_caps_the_questions_a_chat_and_is_named_on_the_card(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`--max-turns N` keeps every chat to N questions or fewer where the shipped batches have
+    up to MULTI_TURNS; the batch's layout draws are unchanged (the same batches are pairs, the
+    same have a system message); the flag reaches the batches and the card, its default does
+    not show there."""
+    from training.data import MULTI_TURNS
+    from training.train import SIZE, command_line, model_card, run_batches
+
+    def questions(examples: list[Example]) -> int:
+        return max(len(e.turns()) for e in examples)
+
+    drawn = {
+        most: drawn_chats(
+            monkeypatch, seed=0, batch_size=4, start=0, stop=40, columns=1, max_turns=most
+        )
+        for most in (MULTI_TURNS, 2, 1)
+    }
+    assert max(questions(b) for b in drawn[MULTI_TURNS]) > 2
+    assert max(questions(b) for b in drawn[2]) == 2
+    assert max(questions(b) for b in drawn[1]) == 1
+    layouts = {
+        most: [({e.kind == "pair" for e in b}, {e.system is not None for e in b}) for b in batches]
+        for most, batches in drawn.items()
+    }
+    assert layouts[2] == layouts[MULTI_TURNS] == layouts[1]
+
+    args = command_line().parse_args(["--out", "x", "--max-turns", "2"])
+    assert run_batches(args, None, SIZE, 0, 10).max_turns == 2
+    args.steps = 10
+    assert " --max-turns 2" in model_card(1, args, 1.0, 0.5, SIZE)
+    args.max_turns = MULTI_TURNS
+    assert "--max-turns" not in model_card(1, args, 1.0, 0.5, SIZE)
+    with pytest.raises(SystemExit):
+        command_line().parse_args(["--out", "x", "--max-turns", str(MULTI_TURNS + 1)])
+
+
 def test_a_trained_folder_loads_like_any_checkpoint(
     small_parts: tuple[object, object], tmp_path: Path
 ) -> None:

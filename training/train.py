@@ -319,8 +319,10 @@ class Batches(IterableDataset[dict[str, torch.Tensor]]):
         bucket: int = 1,
         shapes: world.ShapeVariety = world.TRAINING_SHAPES,
         late_mix: tuple[int, Mapping[world.QuestionType, float]] | None = None,
+        max_turns: int = MULTI_TURNS,
     ) -> None:
         self.processor = processor
+        self.max_turns = max_turns
         self.late_mix = late_mix
         self.shapes = shapes
         self.bucket = bucket
@@ -400,7 +402,9 @@ class Batches(IterableDataset[dict[str, torch.Tensor]]):
             kinds = rng.choices(singles, weights=weights, k=self.batch_size)
         # One layout a batch (how many questions, whether a system message comes first):
         # rows of one length pad little, and padding is most of a mixed batch's text.
+        # `--max-turns` caps the count after it is drawn, so the draws stay the shipped run's.
         turns = 1 if rng.random() >= MULTI_RATE else rng.randint(2, MULTI_TURNS)
+        turns = min(turns, self.max_turns)
         system = rng.random() < SYSTEM_RATE
         return [
             make_chat(
@@ -465,6 +469,7 @@ def run_batches(
         getattr(args, "bucket", 1),
         shape_variety(args),
         getattr(args, "late_mix", None),
+        getattr(args, "max_turns", MULTI_TURNS),
     )
 
 
@@ -654,6 +659,11 @@ def model_card(
         + (f" --char-rows {char_rows}" if (char_rows := getattr(args, "char_rows", 1)) > 1 else "")
         + (" --read-pairs" if getattr(args, "read_pairs", False) else "")
         + (f" --bucket {bucket}" if (bucket := getattr(args, "bucket", 1)) > 1 else "")
+        + (
+            f" --max-turns {most}"
+            if (most := getattr(args, "max_turns", MULTI_TURNS)) != MULTI_TURNS
+            else ""
+        )
         + (
             " --vision-attention eager"
             if getattr(args, "vision_attention", "sdpa") == "eager"
@@ -1230,6 +1240,16 @@ def command_line() -> argparse.ArgumentParser:
         default=1,
         help="pool the chats of this many steps in a row, sort them by length and cut them into "
         "batches again: less padding, each batch's rows of about one length (1: as drawn)",
+    )
+    parser.add_argument(
+        "--max-turns",
+        type=int,
+        choices=range(1, MULTI_TURNS + 1),
+        default=MULTI_TURNS,
+        metavar=f"{{1..{MULTI_TURNS}}}",
+        help="at most this many questions a chat about one image (a batch's count is drawn as "
+        f"always, then capped): fewer long chats, fewer positions a step; {MULTI_TURNS} draws "
+        "the shipped run's batches",
     )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--workers", type=int, default=1)
