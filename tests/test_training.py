@@ -477,6 +477,65 @@ def test_max_turns_caps_the_questions_a_chat_and_is_named_on_the_card(
         command_line().parse_args(["--out", "x", "--max-turns", str(MULTI_TURNS + 1)])
 
 
+def test_bitmap_wide_moves_the_bitmap_face_to_wide_pictures_and_is_named_on_the_card(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`--bitmap-wide W` prints a wide picture's text in the bitmap face W of the time, the
+    others' at `--bitmap-face`'s share; it draws the same random numbers (W equal to the share
+    draws the very pictures of a run without it); it reaches the batches and the card, and is
+    refused where it would mean nothing."""
+    import sys
+
+    from training import train as train_module
+    from training.train import SIZE, command_line, model_card, run_batches
+
+    faces: list[bool] = []
+    bitmap = world._bitmap_face
+    monkeypatch.setattr(world, "_bitmap_face", lambda: faces.append(True) or bitmap())
+
+    def bitmap_share(width: int, height: int, wide: float | None) -> float:
+        scene = world.Scene((world.Item("circle", "red"),), "GO", width, height, "plain")
+        chosen = 0
+        for k in range(200):
+            faces.clear()
+            world.render_labelled(
+                scene, random.Random(k), bitmap_face=0.05, bitmap_wide=wide, draw_max=256
+            )
+            chosen += bool(faces)
+        return chosen / 200
+
+    assert bitmap_share(400, 200, 0.9) > 0.8  # wide: 2 to 1
+    assert bitmap_share(300, 200, None) < 0.15
+    assert bitmap_share(200, 200, 0.9) < 0.15  # square and tall keep --bitmap-face's share
+    assert bitmap_share(200, 400, 0.9) < 0.15
+
+    def drawn(wide: float | None) -> list[bytes]:
+        rng = random.Random(3)
+        chats = [
+            make_chat(rng, "text", bitmap_face=0.3, text_rate=1.0, bitmap_wide=wide)
+            for _ in range(12)
+        ]
+        return [image.tobytes() for chat in chats for image in chat.images]
+
+    assert drawn(0.3) == drawn(None)
+    assert drawn(0.9) != drawn(None)
+
+    args = command_line().parse_args(["--out", "x", "--bitmap-face", "0.3", "--bitmap-wide", "0.6"])
+    assert run_batches(args, None, SIZE, 0, 10).bitmap_wide == 0.6
+    args.steps = 10
+    assert " --bitmap-face 0.3 --bitmap-wide 0.6" in model_card(1, args, 1.0, 0.5, SIZE)
+    args.bitmap_wide = None
+    assert "--bitmap-wide" not in model_card(1, args, 1.0, 0.5, SIZE)
+    for refused in (
+        ["--bitmap-wide", "0.6"],  # no --bitmap-face
+        ["--bitmap-face", "0.3", "--bitmap-wide", "0"],
+        ["--bitmap-face", "0.3", "--bitmap-wide", "0.6", "--bitmap-number-rate", "0.5"],
+    ):
+        monkeypatch.setattr(sys, "argv", ["train", "--out", "x", *refused])
+        with pytest.raises(SystemExit):
+            train_module.main()
+
+
 def test_a_trained_folder_loads_like_any_checkpoint(
     small_parts: tuple[object, object], tmp_path: Path
 ) -> None:
@@ -1387,6 +1446,8 @@ def test_the_reading_summary_splits_misreadings_by_kind_and_glyph_width() -> Non
         {"printed": "CAT", "got": '"CAR"', "width": 30.0, "squeeze": 1.5},  # T read as R
         {"printed": "SUN", "got": "There is no text.", "width": 18.0, "squeeze": 1.2},  # none
     ]
+    for row, kind in zip(rows, ("wide", "square", "square", "tall", "wide"), strict=True):
+        row["orientation"] = kind
     report = reading_summary(rows)
     assert report["all"] == {"n": 5, "read": 20.0}
     assert report["numbers"] == {"n": 2, "read": 0.0}
@@ -1409,6 +1470,11 @@ def test_the_reading_summary_splits_misreadings_by_kind_and_glyph_width() -> Non
         "1-1.3": {"n": 3, "read": 33.3},
         "1.3-2": {"n": 1, "read": 0.0},
         ">=2": {"n": 1, "read": 0.0},
+    }
+    assert report["by_orientation"] == {
+        "wide": {"n": 2, "read": 0.0},
+        "square": {"n": 2, "read": 50.0},
+        "tall": {"n": 1, "read": 0.0},
     }
     assert report["misread"] == 4 and report["wrong_length"] == 2
     assert report["confused"] == {"8->9": 1, "T->R": 1}

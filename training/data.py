@@ -116,6 +116,7 @@ def make_example(
     text_anywhere: float = 0.0,
     text_drift: float = 0.0,
     shapes: world.ShapeVariety = world.TRAINING_SHAPES,
+    bitmap_wide: float | None = None,
 ) -> Example:
     if kind is None:
         kinds = list(TRAIN_MIX)
@@ -151,6 +152,7 @@ def make_example(
             real_faces=real_faces,
             bitmap=bitmap,
             shapes=shapes,
+            bitmap_wide=bitmap_wide,
         )
         for scene, bitmap in sampled
     ]
@@ -182,6 +184,7 @@ def make_chat(
     text_anywhere: float = 0.0,
     text_drift: float = 0.0,
     shapes: world.ShapeVariety = world.TRAINING_SHAPES,
+    bitmap_wide: float | None = None,
 ) -> Example:
     """A training chat: `kind` first, and (for one image) possibly further questions about the
     same image. A description, which names everything, is only ever the last turn, so no earlier
@@ -198,7 +201,8 @@ def make_chat(
     are drawn with (`TRAIN_MIX`, or `train.py --mix`); `text_anywhere`, the share of texts
     printed at a random height, and `text_drift`, the share of the others printed anywhere in
     their band: see `world.sample_scene`; `shapes`, how varied the shapes are drawn
-    (`world.ShapeVariety`)."""
+    (`world.ShapeVariety`); `bitmap_wide`, the bitmap face's share on wide pictures: see
+    `world.render_labelled`."""
     if turns is None:
         turns = 1 if rng.random() >= MULTI_RATE else rng.randint(2, MULTI_TURNS)
     if system is None:
@@ -218,6 +222,7 @@ def make_chat(
             text_anywhere=text_anywhere,
             text_drift=text_drift,
             shapes=shapes,
+            bitmap_wide=bitmap_wide,
         )
     singles = [k for k in mix if k != "pair"]
     kinds = [kind, *rng.choices(singles, weights=[mix[k] for k in singles], k=turns - 1)]
@@ -241,6 +246,7 @@ def make_chat(
         real_faces=real_faces,
         bitmap=bitmap,
         shapes=shapes,
+        bitmap_wide=bitmap_wide,
     )
     (question, answer), *more = asked
     return Example(

@@ -320,9 +320,11 @@ class Batches(IterableDataset[dict[str, torch.Tensor]]):
         shapes: world.ShapeVariety = world.TRAINING_SHAPES,
         late_mix: tuple[int, Mapping[world.QuestionType, float]] | None = None,
         max_turns: int = MULTI_TURNS,
+        bitmap_wide: float | None = None,
     ) -> None:
         self.processor = processor
         self.max_turns = max_turns
+        self.bitmap_wide = bitmap_wide
         self.late_mix = late_mix
         self.shapes = shapes
         self.bucket = bucket
@@ -423,6 +425,7 @@ class Batches(IterableDataset[dict[str, torch.Tensor]]):
                 text_anywhere=self.text_anywhere,
                 text_drift=self.text_drift,
                 shapes=self.shapes,
+                bitmap_wide=self.bitmap_wide,
             )
             for kind in kinds
         ]
@@ -470,6 +473,7 @@ def run_batches(
         shape_variety(args),
         getattr(args, "late_mix", None),
         getattr(args, "max_turns", MULTI_TURNS),
+        getattr(args, "bitmap_wide", None),
     )
 
 
@@ -622,6 +626,11 @@ def model_card(
             else ""
         )
         + (f" --bitmap-face {bitmap}" if (bitmap := getattr(args, "bitmap_face", 0)) else "")
+        + (
+            f" --bitmap-wide {wide}"
+            if (wide := getattr(args, "bitmap_wide", None)) is not None
+            else ""
+        )
         + (f" --real-faces {real}" if (real := getattr(args, "real_faces", 0)) else "")
         + (f" --text-rate {rate}" if (rate := getattr(args, "text_rate", None)) is not None else "")
         + (
@@ -1090,6 +1099,14 @@ def command_line() -> argparse.ArgumentParser:
         "sizes and squeezes of its own) instead of its FreeType one (0: none)",
     )
     parser.add_argument(
+        "--bitmap-wide",
+        type=float,
+        default=None,
+        help="the bitmap face's share on wide pictures (at least 1.3 times as wide as tall, "
+        "whose glyphs the square input squeezes narrowest: the different set's worst read) in "
+        "place of --bitmap-face's (default: --bitmap-face's there too)",
+    )
+    parser.add_argument(
         "--real-faces",
         type=float,
         default=0.0,
@@ -1371,6 +1388,13 @@ def main() -> None:
         decays = averaging.parse_decays(args.ema) if args.ema else []
     except ValueError as error:
         parser.error(str(error))
+    if args.bitmap_wide is not None and not (
+        0.0 < args.bitmap_wide <= 1.0 and args.bitmap_face and args.bitmap_numbers is None
+    ):
+        parser.error(
+            "--bitmap-wide moves the bitmap face's share on wide pictures: give it above 0, with "
+            "--bitmap-face above 0 and without --bitmap-number-rate"
+        )
     if args.keep_raw and not decays:
         parser.error("--keep-raw keeps the last step's weights beside an average: give --ema")
     if args.optimizer != "muon" and (args.muon_scale != 1.0 or args.muon_skip != "none"):

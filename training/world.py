@@ -120,6 +120,9 @@ LONGEST_TEXT = 6  # characters in a printed word (numbers have at most 4)
 
 NUMBER_RATE = 0.3  # the share of printed texts that are numbers (the rest are words)
 TEXT_BAND = 0.3  # the share of a picture's height that its text's band takes, shapes the rest
+# a picture at least this many times as wide as it is tall is "wide": squeezed to the model's
+# square input, its glyphs come out narrowest (`render_labelled`'s `bitmap_wide`)
+WIDE = 1.3
 
 
 def sample_text(rng: random.Random, number_rate: float = NUMBER_RATE) -> str:
@@ -432,6 +435,7 @@ def render_labelled(
     real_faces: float = 0.0,
     bitmap: bool | None = None,
     shapes: ShapeVariety = TRAINING_SHAPES,
+    bitmap_wide: float | None = None,
 ) -> tuple[Image.Image, Labels]:
     """Draw `scene`, and say where each shape and each printed character ended up.
 
@@ -449,7 +453,12 @@ def render_labelled(
     chosen for this scene (`data.sample_scene`: before its text was drawn, so that the face's
     texts can be numbers at a rate of their own); None chooses it here, a `bitmap_face` share
     of the time. `shapes` (training): how varied its shapes are (`ShapeVariety`; "alt" draws
-    its own way)."""
+    its own way). `bitmap_wide` (training): the bitmap face's share on a wide picture (one at
+    least `WIDE` times as wide as it is tall, whose glyphs the square input squeezes narrowest)
+    in place of `bitmap_face`'s; None: `bitmap_face`'s there too. With both shares above 0 it
+    draws the same random numbers as without it."""
+    if bitmap_wide is not None and scene.width >= WIDE * scene.height:
+        bitmap_face = bitmap_wide
     fit = 1.0
     if draw_max is not None and max(scene.width, scene.height) > draw_max:
         fit = draw_max / max(scene.width, scene.height)
