@@ -444,17 +444,6 @@ def squeeze(scene: world.Scene) -> float:
     return max(scene.width / scene.height, scene.height / scene.width)
 
 
-ORIENTATIONS = ("wide", "square", "tall")
-
-
-def orientation(scene: world.Scene) -> str:
-    """ "wide" (at least `world.WIDE` times as wide as tall: squeezed to the square input, its
-    glyphs come out narrow), "tall" (the other way round: flat) or "square"."""
-    if scene.width >= world.WIDE * scene.height:
-        return "wide"
-    return "tall" if scene.height >= world.WIDE * scene.width else "square"
-
-
 def smallest_side(example: Example, side: int) -> float:
     """The shorter side, at the model's `side` px square input, of the first image's smallest
     shape (its box)."""
@@ -556,11 +545,11 @@ def glyph_width(example: Example, side: int) -> float:
 def reading_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """Sum up reading attempts, each {"printed", "got" (the answer), "width" (its glyphs' mean
     width at the model's input), "squeeze" (how much the image is stretched one way to make it
-    square), "orientation" (`orientation`; optional)}: the share read whole, overall, of numbers
-    and words, by glyph width (all, and numbers and words apart: is a kind short of pixels or of
-    something else?), by squeeze and by orientation (wide pictures' glyphs squeezed narrow, tall
-    ones' flat); of the misread, how many had the wrong length; and the characters confused
-    most often in the misread of the right length."""
+    square), "orientation" (`world.orientation`; optional)}: the share read whole, overall, of
+    numbers and words, by glyph width (all, and numbers and words apart: is a kind short of
+    pixels or of something else?), by squeeze and by orientation (wide pictures' glyphs squeezed
+    narrow, tall ones' flat); of the misread, how many had the wrong length; and the characters
+    confused most often in the misread of the right length."""
 
     rows = [{**r, "said": quoted(r["got"])} for r in rows]
 
@@ -585,7 +574,8 @@ def reading_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "words_by_glyph_width": bucketed(words, "width", WIDTHS, share, unit="px"),
         "by_squeeze": bucketed(rows, "squeeze", SQUEEZES, share),
         "by_orientation": {
-            kind: share([r for r in rows if r.get("orientation") == kind]) for kind in ORIENTATIONS
+            kind: share([r for r in rows if r.get("orientation") == kind])
+            for kind in world.ORIENTATIONS
         },
         "misread": len(misread),
         "wrong_length": sum(len(r["said"]) != len(r["printed"]) for r in misread),
@@ -633,7 +623,7 @@ def reading_row(example: Example, got: str, side: int) -> dict[str, Any]:
         "got": got,
         "width": glyph_width(example, side),
         "squeeze": squeeze(scene),
-        "orientation": orientation(scene),
+        "orientation": world.orientation(scene),
     }
 
 

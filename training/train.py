@@ -1102,9 +1102,9 @@ def command_line() -> argparse.ArgumentParser:
         "--bitmap-wide",
         type=float,
         default=None,
-        help="the bitmap face's share on wide pictures (at least 1.3 times as wide as tall, "
-        "whose glyphs the square input squeezes narrowest: the different set's worst read) in "
-        "place of --bitmap-face's (default: --bitmap-face's there too)",
+        help=f"the bitmap face's share on wide pictures (at least {world.WIDE} times as wide as "
+        "tall, whose glyphs the square input squeezes narrowest: the different set's worst read) "
+        "in place of --bitmap-face's (default: --bitmap-face's there too)",
     )
     parser.add_argument(
         "--real-faces",

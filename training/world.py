@@ -123,6 +123,15 @@ TEXT_BAND = 0.3  # the share of a picture's height that its text's band takes, s
 # a picture at least this many times as wide as it is tall is "wide": squeezed to the model's
 # square input, its glyphs come out narrowest (`render_labelled`'s `bitmap_wide`)
 WIDE = 1.3
+ORIENTATIONS = ("wide", "square", "tall")
+
+
+def orientation(scene: Scene) -> str:
+    """ "wide" (at least `WIDE` times as wide as tall: squeezed to the square input, its glyphs
+    come out narrow), "tall" (the other way round: flat) or "square"."""
+    if scene.width >= WIDE * scene.height:
+        return "wide"
+    return "tall" if scene.height >= WIDE * scene.width else "square"
 
 
 def sample_text(rng: random.Random, number_rate: float = NUMBER_RATE) -> str:
@@ -457,7 +466,7 @@ def render_labelled(
     least `WIDE` times as wide as it is tall, whose glyphs the square input squeezes narrowest)
     in place of `bitmap_face`'s; None: `bitmap_face`'s there too. With both shares above 0 it
     draws the same random numbers as without it."""
-    if bitmap_wide is not None and scene.width >= WIDE * scene.height:
+    if bitmap_wide is not None and orientation(scene) == "wide":
         bitmap_face = bitmap_wide
     fit = 1.0
     if draw_max is not None and max(scene.width, scene.height) > draw_max:
