@@ -1072,6 +1072,77 @@ def test_the_look_up_loss_is_the_attention_mass_on_the_named_shape_and_trains_th
     assert readout.loss(out.hidden_states[lookup.LAYER + 1], query, ignored) is None
 
 
+def test_fused_elsewhere_reads_the_look_up_layers_attention_as_the_eager_model_does(
+    training_size_processor: tuple[object, object],
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    """`--fused-elsewhere`: only the look-up layer attends eagerly; the others use the fused
+    kernel and return no weights. The look-up layer's weights, the loss and its gradients are
+    the all-eager model's (to float rounding), a snapshot leaves it so, and the flag is named on
+    the card and refused without a look-up loss."""
+    import sys
+
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    from training import lookup
+    from training import train as train_module
+    from training.train import SIZE, command_line, model_card, save
+
+    config, processor = training_size_processor
+    chats = [make_chat(random.Random(k), kind, turns=2) for k, kind in enumerate(
+        ("color", "exists", "describe", "text"))]  # fmt: skip
+    batch, aids = split_aids(collate(chats, processor))
+
+    def run(fused: bool) -> tuple[Any, Any, torch.Tensor, dict[str, torch.Tensor]]:
+        torch.manual_seed(0)
+        model = AutoModelForImageTextToText.from_config(config)
+        text = model.model.text_model
+        text.config._attn_implementation = "eager"
+        if fused:
+            lookup.fuse_other_layers(text)
+        out = model(**batch, output_attentions=True)
+        attention = lookup.looked(out.attentions, fused)
+        looked = lookup.attention_loss(
+            attention[:, lookup.HEAD], aids["lookup_query"], aids["lookup_keys"]
+        )
+        assert looked is not None
+        (out.loss + looked).backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        return model, out, attention, grads
+
+    _, eager_out, eager_attention, eager_grads = run(fused=False)
+    model, fused_out, fused_attention, fused_grads = run(fused=True)
+    layers = model.model.text_model.layers
+    assert len(eager_out.attentions) == len(layers) > lookup.LAYER + 1
+    assert len(fused_out.attentions) == 1  # the others return none: nothing computes them
+    assert [layer.self_attn.config._attn_implementation for layer in layers] == [
+        "eager" if k == lookup.LAYER else "sdpa" for k in range(len(layers))
+    ]
+    assert model.model.text_model.config._attn_implementation == "eager"
+    torch.testing.assert_close(fused_attention, eager_attention, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(fused_out.loss, eager_out.loss, atol=1e-6, rtol=1e-5)
+    assert fused_grads.keys() == eager_grads.keys()
+    for name, grad in fused_grads.items():
+        torch.testing.assert_close(grad, eager_grads[name], atol=1e-5, rtol=1e-3, msg=name)
+
+    save(model, processor, tmp_path / "snapshot")  # a --save-every snapshot mid-run
+    assert [layer.self_attn.config._attn_implementation for layer in layers][
+        lookup.LAYER
+    ] == "eager"
+    assert len(model(**batch, output_attentions=True).attentions) == 1
+
+    args = command_line().parse_args(["--out", "x", "--attend-weight", "0.1", "--fused-elsewhere"])
+    args.steps = 10
+    assert " --fused-elsewhere" in model_card(1, args, 1.0, 0.5, SIZE)
+    args.fused_elsewhere = False
+    assert "--fused-elsewhere" not in model_card(1, args, 1.0, 0.5, SIZE)
+    monkeypatch.setattr(sys, "argv", ["train", "--out", "x", "--fused-elsewhere"])
+    with pytest.raises(SystemExit):
+        train_module.main()
+
+
 def test_reading_is_scored_apart_on_images_that_have_text() -> None:
     from training.evaluate import characters_right, reading_kind, table
 

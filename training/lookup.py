@@ -14,8 +14,10 @@ checkpoint stays a plain Idefics3 model.
 
 from __future__ import annotations
 
+import copy
 import math
 import re
+from typing import Any
 
 import torch
 
@@ -329,3 +331,27 @@ def _find(tokens: list[int], word: list[int | None]) -> int | None:
         if tokens[at : at + n] == word:
             return at
     return None
+
+
+def fuse_other_layers(text_model: Any) -> None:
+    """Every language-model layer but `LAYER` attends with PyTorch's fused kernel (sdpa).
+
+    The look-up losses read one layer's attention weights, which only the eager implementation
+    returns; the others need not pay for an attention matrix that nothing reads. Each such layer
+    gets a copy of the config that names sdpa (the model's own, and so its causal mask, stays
+    eager: sdpa takes that additive mask as it is).
+    """
+    fused = copy.copy(text_model.config)
+    fused._attn_implementation = "sdpa"
+    for k, layer in enumerate(text_model.layers):
+        if k != LAYER:
+            layer.self_attn.config = fused
+
+
+def looked(attentions: tuple[torch.Tensor, ...], fused: bool) -> torch.Tensor:
+    """The look-up layer's attention weights from a forward pass's `attentions`.
+
+    transformers collects the weights the layers return and leaves out a fused layer's (None):
+    with `fuse_other_layers` the look-up layer's are the only ones there.
+    """
+    return attentions[0 if fused else LAYER]

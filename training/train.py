@@ -678,6 +678,7 @@ def model_card(
             if getattr(args, "vision_attention", "sdpa") == "eager"
             else ""
         )
+        + (" --fused-elsewhere" if getattr(args, "fused_elsewhere", False) else "")
         + ("" if pinned else " --no-pin-math")
         + (f" --init-from {init}" if (init := getattr(args, "init_from", None)) else "")
         + (f" --resume {resume}" if (resume := getattr(args, "resume", None)) else "")
@@ -1321,6 +1322,12 @@ def command_line() -> argparse.ArgumentParser:
         "(`--fingerprint`); a checkpoint loads with the default either way",
     )
     parser.add_argument(
+        "--fused-elsewhere",
+        action="store_true",
+        help="with a look-up loss, the language model's attention eager (its weights returned) "
+        "only in the look-up layer, PyTorch's fused kernel (sdpa) in the others",
+    )
+    parser.add_argument(
         "--optimizer",
         choices=optimizers.KINDS,
         default="adamw",
@@ -1394,6 +1401,11 @@ def main() -> None:
         parser.error(
             "--bitmap-wide moves the bitmap face's share on wide pictures: give it above 0, with "
             "--bitmap-face above 0 and without --bitmap-number-rate"
+        )
+    if args.fused_elsewhere and not (args.attend_weight or args.read_weight or args.item_weight):
+        parser.error(
+            "--fused-elsewhere keeps the look-up layer's attention eager: give a look-up loss "
+            "(--attend-weight, --read-weight or --item-weight); without one every layer is fused"
         )
     if args.keep_raw and not decays:
         parser.error("--keep-raw keeps the last step's weights beside an average: give --ema")
@@ -1511,6 +1523,8 @@ def main() -> None:
     attend = bool(args.attend_weight or args.read_weight or args.item_weight)
     if attend:  # attention weights are only returned by the eager implementation
         model.model.text_model.config._attn_implementation = "eager"
+        if args.fused_elsewhere:  # only the look-up layer's weights are read: fused elsewhere
+            lookup.fuse_other_layers(model.model.text_model)
     if args.vision_attention == "eager":
         model.model.vision_model.config._attn_implementation = "eager"
     model.train()
@@ -1553,19 +1567,19 @@ def main() -> None:
             seen = (heads.loss(aid["patch_targets"]) + token_heads.loss(aid["token_targets"])) / 2
             total = loss + args.patch_weight * seen
             if args.attend_weight:
-                attention = out.attentions[lookup.LAYER][:, lookup.HEAD]
+                attention = lookup.looked(out.attentions, args.fused_elsewhere)[:, lookup.HEAD]
                 looked = lookup.attention_loss(attention, query, keys)
                 if looked is not None:
                     total = total + args.attend_weight * looked
                     look_window.append(math.exp(-looked.item()))
             if args.read_weight:
-                attention = out.attentions[lookup.LAYER][:, lookup.READ_HEAD]
+                attention = lookup.looked(out.attentions, args.fused_elsewhere)[:, lookup.READ_HEAD]
                 reading = lookup.attention_loss(attention, aid["read_query"], aid["read_keys"])
                 if reading is not None:
                     total = total + args.read_weight * reading
                     read_window.append(math.exp(-reading.item()))
             if args.item_weight:  # the same head, on each shape a description names
-                attention = out.attentions[lookup.LAYER][:, lookup.HEAD]
+                attention = lookup.looked(out.attentions, args.fused_elsewhere)[:, lookup.HEAD]
                 placed = lookup.attention_loss(attention, aid["item_query"], aid["item_keys"])
                 if placed is not None:
                     total = total + args.item_weight * placed
