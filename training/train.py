@@ -1402,7 +1402,8 @@ def main() -> None:
             "--bitmap-wide moves the bitmap face's share on wide pictures: give it above 0, with "
             "--bitmap-face above 0 and without --bitmap-number-rate"
         )
-    if args.fused_elsewhere and not (args.attend_weight or args.read_weight or args.item_weight):
+    attend = bool(args.attend_weight or args.read_weight or args.item_weight)
+    if args.fused_elsewhere and not attend:
         parser.error(
             "--fused-elsewhere keeps the look-up layer's attention eager: give a look-up loss "
             "(--attend-weight, --read-weight or --item-weight); without one every layer is fused"
@@ -1520,7 +1521,6 @@ def main() -> None:
         for where, whole in trained.items()
         for name, p in whole.named_parameters()
     ]
-    attend = bool(args.attend_weight or args.read_weight or args.item_weight)
     if attend:  # attention weights are only returned by the eager implementation
         model.model.text_model.config._attn_implementation = "eager"
         if args.fused_elsewhere:  # only the look-up layer's weights are read: fused elsewhere
@@ -1566,20 +1566,23 @@ def main() -> None:
             loss = out.loss
             seen = (heads.loss(aid["patch_targets"]) + token_heads.loss(aid["token_targets"])) / 2
             total = loss + args.patch_weight * seen
+            # the look-up layer's attention weights, [batch, heads, positions, positions]
+            # (None without a look-up loss, which is when the branches below do not read them)
+            looked_at: Any = lookup.looked(out.attentions, args.fused_elsewhere) if attend else None
             if args.attend_weight:
-                attention = lookup.looked(out.attentions, args.fused_elsewhere)[:, lookup.HEAD]
+                attention = looked_at[:, lookup.HEAD]
                 looked = lookup.attention_loss(attention, query, keys)
                 if looked is not None:
                     total = total + args.attend_weight * looked
                     look_window.append(math.exp(-looked.item()))
             if args.read_weight:
-                attention = lookup.looked(out.attentions, args.fused_elsewhere)[:, lookup.READ_HEAD]
+                attention = looked_at[:, lookup.READ_HEAD]
                 reading = lookup.attention_loss(attention, aid["read_query"], aid["read_keys"])
                 if reading is not None:
                     total = total + args.read_weight * reading
                     read_window.append(math.exp(-reading.item()))
             if args.item_weight:  # the same head, on each shape a description names
-                attention = lookup.looked(out.attentions, args.fused_elsewhere)[:, lookup.HEAD]
+                attention = looked_at[:, lookup.HEAD]
                 placed = lookup.attention_loss(attention, aid["item_query"], aid["item_keys"])
                 if placed is not None:
                     total = total + args.item_weight * placed
