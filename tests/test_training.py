@@ -1135,9 +1135,12 @@ def test_fused_elsewhere_reads_the_look_up_layers_attention_as_the_eager_model_d
 
     args = command_line().parse_args(["--out", "x", "--attend-weight", "0.1", "--fused-elsewhere"])
     args.steps = 10
-    assert " --fused-elsewhere" in model_card(1, args, 1.0, 0.5, SIZE)
+    card = model_card(1, args, 1.0, 0.5, SIZE)
+    assert " --fused-elsewhere" in card
+    assert "Only layer 2's attention is computed eagerly" in card
     args.fused_elsewhere = False
-    assert "--fused-elsewhere" not in model_card(1, args, 1.0, 0.5, SIZE)
+    card = model_card(1, args, 1.0, 0.5, SIZE)
+    assert "--fused-elsewhere" not in card and "computed eagerly" not in card
     monkeypatch.setattr(sys, "argv", ["train", "--out", "x", "--fused-elsewhere"])
     with pytest.raises(SystemExit):
         train_module.main()
