@@ -751,7 +751,8 @@ def model_card(
         + (
             f"Only layer {lookup.LAYER + 1}'s attention is computed eagerly, to give these "
             "losses its weights; the other layers' is PyTorch's fused kernel (`--fused-elsewhere`: "
-            "the same arithmetic in other roundings, about 1.05 times the steps a second). "
+            "the same arithmetic in other roundings, 1.00-1.05 times the steps a second by "
+            "machine). "
             if getattr(args, "fused_elsewhere", False)
             else ""
         )
