@@ -1479,6 +1479,21 @@ def test_a_deeper_language_model_is_built_and_named_on_the_card() -> None:
     assert "--text-layers" not in model_card(1, args, 1.0, 0.5, SIZE)
 
 
+def test_a_narrower_language_model_mlp_is_built_and_named_on_the_card() -> None:
+    from training.train import SIZE, build, command_line, model_card, model_size
+
+    size = model_size(command_line().parse_args(["--out", "unused", "--text-mlp", "256"]))
+    assert size.text_mlp == 256 and (size.hidden, size.layers) == (SIZE.hidden, SIZE.layers)
+    model, _ = build(0, size)
+    assert model.config.text_config.intermediate_size == 256
+    assert all(layer.mlp.up_proj.out_features == 256 for layer in model.model.text_model.layers)
+    # without the flag, every shipped run's width: twice the hidden width
+    assert build(0)[0].config.text_config.intermediate_size == 2 * SIZE.hidden
+    args = card_args()
+    assert "--text-mlp 256" in model_card(1, args, 1.0, 0.5, size)
+    assert "--text-mlp" not in model_card(1, args, 1.0, 0.5, SIZE)
+
+
 def test_the_data_worker_draws_at_the_lowest_priority() -> None:
     """Batches are drawn in a worker process beside the step's two threads; at equal priority
     it stalls them, so `background` (the loader's worker_init_fn) lowers it to the lowest."""

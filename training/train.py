@@ -615,6 +615,7 @@ def model_card(
             else ""
         )
         + (f" --text-layers {size.layers}" if size.layers != SIZE.layers else "")
+        + (f" --text-mlp {size.text_mlp}" if size.text_mlp else "")
         + (f" --colour-weight {args.colour_weight}" if args.colour_weight else "")
         + (f" --read-weight {args.read_weight}" if args.read_weight else "")
         + (" --char-slots" if getattr(args, "char_slots", False) else "")
@@ -1240,6 +1241,13 @@ def command_line() -> argparse.ArgumentParser:
         "lookup.LAYER; at the default size a fourth layer makes a step about a quarter longer)",
     )
     parser.add_argument(
+        "--text-mlp",
+        type=int,
+        default=0,
+        help="the language model's MLP width (0: twice its hidden width, every shipped run's; "
+        "the MLPs are about three fifths of its arithmetic)",
+    )
+    parser.add_argument(
         "--init-from",
         type=Path,
         default=None,
@@ -1385,6 +1393,7 @@ def model_size(args: argparse.Namespace) -> Size:
         vision_hidden=args.vision_width,
         vision_heads=args.vision_width // VISION_HEAD,
         layers=args.text_layers,
+        text_mlp=args.text_mlp,
     )
 
 

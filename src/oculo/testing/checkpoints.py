@@ -144,6 +144,7 @@ class Size:
     vision_heads: int = HEADS
     scale_factor: int = 2  # Idefics3's pixel shuffle: image tokens = patches / scale_factor^2
     context_length: int = CONTEXT_LENGTH
+    text_mlp: int = 0  # the language model's MLP width; 0: twice `hidden`
 
 
 TINY = Size()
@@ -332,7 +333,7 @@ def _text_config(tokenizer: PreTrainedTokenizerFast, size: Size = TINY) -> dict[
     return {
         "vocab_size": len(tokenizer),
         "hidden_size": size.hidden,
-        "intermediate_size": 2 * size.hidden,
+        "intermediate_size": size.text_mlp or 2 * size.hidden,
         "num_hidden_layers": size.layers,
         "num_attention_heads": size.heads,
         "num_key_value_heads": max(1, size.heads // 2),
